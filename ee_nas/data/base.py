@@ -1,0 +1,252 @@
+"""Shared machinery for every image data source.
+
+Each source only has to say how to load its three splits as *raw* datasets
+(float images in [0, 1], already `image_size` square, no normalization). The
+base class adds the transforms, so train/val/test/search all see exactly the
+same eval pipeline (NSGANetV2 users lost their accuracy to mismatched
+search/validation transforms).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from sklearn.model_selection import train_test_split
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import v2
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+AUGMENT_KEYS = {"random_crop_padding": 0, "horizontal_flip": False}
+
+
+class DataError(ValueError):
+    """A data problem the user can fix (missing folder, bad file, bad key); the message says how."""
+
+
+def to_plain(value: Any) -> Any:
+    """Hydra hands us DictConfig/ListConfig; the rest of the code wants plain Python."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def split_indices(
+    labels: Sequence[int] | np.ndarray, fractions: Sequence[float], seed: int
+) -> list[np.ndarray]:
+    """Split positions 0..N-1 into len(fractions)+1 parts: the first gets the rest.
+
+    Each fraction is of the whole N. Stratified by label when sklearn can
+    (every class needs enough members); otherwise a seeded plain shuffle, with
+    a warning, so tiny user datasets still work.
+    """
+    labels = np.asarray(labels)
+    rest = np.arange(len(labels))
+    parts: list[np.ndarray] = []
+    for frac in fractions:
+        n = int(round(frac * len(labels)))
+        if n == 0:
+            parts.append(np.array([], dtype=np.int64))
+            continue
+        if n >= len(rest):
+            raise DataError(f"split fractions {list(fractions)} leave no training samples out of {len(labels)}")
+        try:
+            rest, part = train_test_split(rest, test_size=n, random_state=seed, stratify=labels[rest])
+        except ValueError as err:
+            log.warning("stratified split impossible (%s); using a seeded random split", err)
+            rest, part = train_test_split(rest, test_size=n, random_state=seed)
+        parts.append(np.sort(part))
+    return [np.sort(rest), *parts]
+
+
+def check_fractions(**fractions: float) -> None:
+    for key, frac in fractions.items():
+        if not 0.0 <= float(frac) < 1.0:
+            raise DataError(f"data.{key}={frac} must be in [0, 1)")
+    if sum(fractions.values()) >= 1.0:
+        raise DataError(f"data fractions {fractions} sum to >= 1: nothing left to train on")
+
+
+class TensorImages(Dataset):
+    """In-memory images [N,C,H,W] (uint8 0..255 or float 0..1) -> float [C,S,S] in [0,1], int label.
+
+    Resizing happens per sample so a 224-pixel run on CIFAR doesn't blow up memory.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, size: int):
+        self.x, self.y, self.size = x, y.long(), size
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        x = self.x[i]
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear",
+                              align_corners=False, antialias=True)[0].clamp_(0, 1)
+        return x, int(self.y[i])
+
+
+class _Transformed(Dataset):
+    def __init__(self, base: Dataset, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        return self.transform(x), y
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base LightningDataModule: splits, transforms, loaders and in-memory split tensors.
+
+    Subclasses set `name`, `num_classes`, `in_channels` (class attributes or
+    before calling `super().__init__`) and implement `_load_splits`.
+    """
+
+    name: str = "base"
+    num_classes: int
+    in_channels: int
+    default_mean: tuple = (0.5,)
+    default_std: tuple = (0.5,)
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        split_seed: int = 0,
+        val_fraction: float = 0.1,
+        image_size: int = 32,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        augment: Mapping[str, Any] | None = None,
+        bad_data: str = "error",
+    ):
+        super().__init__()
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.split_seed = int(split_seed)
+        self.val_fraction = float(val_fraction)
+        self.image_size = int(image_size)
+        self.mean = self._per_channel("mean", to_plain(mean) or self.default_mean)
+        self.std = self._per_channel("std", to_plain(std) or self.default_std)
+        augment = to_plain(augment) or {}
+        unknown = set(augment) - set(AUGMENT_KEYS)
+        if unknown:
+            raise DataError(f"unknown data.augment keys {sorted(unknown)}; known: {sorted(AUGMENT_KEYS)}")
+        self.augment = {**AUGMENT_KEYS, **augment}
+        if bad_data not in ("error", "skip"):
+            raise DataError(f"data.bad_data={bad_data!r} must be 'error' or 'skip'")
+        self.bad_data = bad_data
+        if self.batch_size < 1 or self.eval_batch_size < 1 or self.image_size < 1:
+            raise DataError("data.batch_size, data.eval_batch_size and data.image_size must be positive")
+        self.skipped_files: list[str] = []
+        #: positions of each split in the source it was carved from (set by sources that carve)
+        self.split_indices: dict[str, np.ndarray] = {}
+        self._raw: dict[str, Dataset] | None = None
+        self._tensor_cache: dict[tuple[str, int | None], tuple[Tensor, Tensor]] = {}
+
+    def _per_channel(self, key: str, values) -> tuple:
+        values = tuple(float(v) for v in (values if isinstance(values, (list, tuple)) else [values]))
+        if len(values) == 1:
+            values = values * self.in_channels
+        if len(values) != self.in_channels:
+            raise DataError(f"data.{key} has {len(values)} values but in_channels={self.in_channels}")
+        return values
+
+    # ----- to implement -------------------------------------------------
+    def _load_splits(self) -> dict[str, Dataset]:
+        """Return {'train','val','test'} -> dataset of (float [C,S,S] in [0,1], int label)."""
+        raise NotImplementedError
+
+    # ----- Lightning hooks ------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self._raw is not None:
+            return
+        raw = self._load_splits()
+        missing = set(SPLITS) - set(raw)
+        assert not missing, f"{type(self).__name__}._load_splits lacks {missing}"
+        self._raw = raw
+        log.info("%s splits: %s", self.name, self.split_sizes())
+
+    def _transform(self, train: bool):
+        steps: list = []
+        if train and self.augment["random_crop_padding"] > 0:
+            steps.append(v2.RandomCrop(self.image_size, padding=int(self.augment["random_crop_padding"])))
+        if train and self.augment["horizontal_flip"]:
+            steps.append(v2.RandomHorizontalFlip())
+        steps.append(v2.Normalize(list(self.mean), list(self.std)))
+        return v2.Compose(steps)
+
+    def dataset(self, split: str, train_transforms: bool = False) -> Dataset:
+        """The split with normalization (and augmentation if `train_transforms`)."""
+        if split not in SPLITS:
+            raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+        self.setup()
+        return _Transformed(self._raw[split], self._transform(train_transforms))
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        pin = self.pin_memory and torch.cuda.is_available()  # pinning without CUDA only warns
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=self.num_workers, pin_memory=pin, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.dataset("train", train_transforms=True)
+        # drop a last batch that could be 1 sample: BatchNorm fails on it in training
+        return self._loader(ds, self.batch_size, shuffle=True, drop_last=len(ds) > self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Any split with eval transforms, in order (train here = BatchNorm recalibration)."""
+        return self._loader(self.dataset(split), self.eval_batch_size, shuffle=False)
+
+    # ----- search helpers -------------------------------------------------
+    def split_sizes(self) -> dict[str, int]:
+        self.setup()
+        return {s: len(self._raw[s]) for s in SPLITS}
+
+    def split_tensors(self, split: str, max_samples: int | None = None) -> tuple[Tensor, Tensor]:
+        """Whole eval-transformed split in memory (x float32 [N,C,H,W], y int64 [N]), cached.
+
+        The NAS search scores hundreds of candidates on the same data; loading it
+        once avoids re-running the loader per candidate. `max_samples` picks a
+        subset seeded by `split_seed`, so every candidate sees the same one.
+        """
+        key = (split, max_samples)
+        if key in self._tensor_cache:
+            return self._tensor_cache[key]
+        ds = self.dataset(split)
+        if max_samples is not None and max_samples < len(ds):
+            gen = torch.Generator().manual_seed(self.split_seed)
+            idx = torch.randperm(len(ds), generator=gen)[:max_samples].sort().values
+            ds = Subset(ds, idx.tolist())
+        xs, ys = [], []
+        for x, y in self._loader(ds, self.eval_batch_size, shuffle=False):
+            xs.append(x)
+            ys.append(y)
+        if xs:
+            out = (torch.cat(xs).float(), torch.cat(ys).long())
+        else:
+            out = (torch.empty(0, self.in_channels, self.image_size, self.image_size), torch.empty(0, dtype=torch.long))
+        self._tensor_cache[key] = out
+        return out

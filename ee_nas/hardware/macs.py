@@ -1,0 +1,121 @@
+"""MAC accounting with ptflops, per module, and the early-exit cost definitions of DESIGN.md.
+
+cum_macs[k] = MACs of the backbone up to exit k's tap + MACs of branches 1..k.
+avg_macs    = sum_k exit_rate[k] * cum_macs[k].
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from ptflops import get_model_complexity_info
+from torch import nn
+
+
+def module_macs(module: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
+    """(MACs, parameters) of one forward pass of `module` on one sample of shape C,H,W."""
+    was = module.training
+    module.eval()
+    macs, params = get_model_complexity_info(module, tuple(input_shape), as_strings=False,
+                                             print_per_layer_stat=False, ost=io.StringIO())
+    module.train(was)
+    return int(macs), int(params)
+
+
+def cum_macs(segment_macs: Sequence[float], head_macs: Sequence[float]) -> np.ndarray:
+    """cum_macs[k]: every segment up to k plus every head up to k (earlier heads ran and declined)."""
+    return np.cumsum(segment_macs) + np.cumsum(head_macs)
+
+
+def avg_macs(exit_rates: Sequence[float], cum: Sequence[float]) -> float:
+    rates = np.asarray(exit_rates, dtype=float)
+    if rates.shape != np.shape(cum) or not np.isclose(rates.sum(), 1.0):
+        raise ValueError(f"exit_rates {rates.tolist()} must sum to 1 and match the {len(cum)} exits")
+    return float(rates @ np.asarray(cum, dtype=float))
+
+
+@dataclass(frozen=True)
+class ExitCosts:
+    segment_macs: np.ndarray   # backbone MACs between consecutive taps (final segment included)
+    head_macs: np.ndarray      # MACs of each exit head (final classifier last)
+    params: int                # parameters of the whole multi-exit network
+    backbone_macs: int         # the same backbone with no early exits (segments + final head)
+
+    @property
+    def cum_macs(self) -> np.ndarray:
+        return cum_macs(self.segment_macs, self.head_macs)
+
+    def avg_macs(self, exit_rates) -> float:
+        return avg_macs(exit_rates, self.cum_macs)
+
+
+def net_costs(net, input_shape: Sequence[int]) -> ExitCosts:
+    """Costs of a static `MultiExitNet`, measured module by module."""
+    seg, head, params = [], [], 0
+    x = torch.zeros(1, *input_shape)
+    with torch.no_grad():
+        for segment, h in zip(net.segments, net.heads):
+            m, p = module_macs(segment, x.shape[1:])
+            seg.append(m); params += p
+            x = segment.eval()(x)
+            m, p = module_macs(h, x.shape[1:])
+            head.append(m); params += p
+    return ExitCosts(np.array(seg, float), np.array(head, float), params, int(sum(seg) + head[-1]))
+
+
+class CostModel:
+    """Per-component MACs of any subnet of a supernet, memoized.
+
+    Each backbone block (at each elastic setting) and each branch design at
+    each tap is extracted once and counted by ptflops; a genome's costs are
+    then sums, so scoring thousands of candidates costs no model building.
+    """
+
+    def __init__(self, supernet):
+        self.supernet = supernet
+        bb = supernet.backbone
+        self._in_shape = (bb.in_channels, bb.image_size, bb.image_size)
+        self._tap_shape = self._tap_shapes()
+        self.block_cost = lru_cache(maxsize=None)(self._block_cost)
+        self.branch_cost = lru_cache(maxsize=None)(self._branch_cost)
+        self.stem_cost = module_macs(bb.extract_stem(), self._in_shape)
+        self.head_cost = module_macs(bb.extract_head(), self._tap_shape[bb.n_blocks - 1])
+
+    def _tap_shapes(self) -> list[tuple[int, int, int]]:
+        bb = self.supernet.backbone
+        return [(c, r, r) for c, r in zip(bb.block_out, bb.tap_resolution)]
+
+    def _block_in_shape(self, block: int) -> tuple[int, int, int]:
+        bb = self.supernet.backbone
+        if block == 0:
+            with torch.no_grad():
+                return tuple(bb.extract_stem().eval()(torch.zeros(1, *self._in_shape)).shape[1:])
+        return self._tap_shape[block - 1]
+
+    def _block_cost(self, block: int, expand: float, kernel: int) -> tuple[int, int]:
+        module = self.supernet.backbone.blocks[block].extract(
+            self.supernet.backbone.block_in(block), expand, kernel)
+        return module_macs(module, self._block_in_shape(block))
+
+    def _branch_cost(self, tap: int, layers) -> tuple[int, int]:
+        module = self.supernet.branches[str(tap)].extract(layers)
+        return module_macs(module, self._tap_shape[tap])
+
+    def costs(self, genome) -> ExitCosts:
+        bb = self.supernet.backbone
+        exits = {e.tap: e.layers for e in genome.exits}
+        seg, head = [], []
+        current, params = self.stem_cost[0], self.stem_cost[1]
+        for b in bb.active_blocks(genome.depths):
+            m, p = self.block_cost(b, genome.expands[b], genome.kernels[b])
+            current += m; params += p
+            if b in exits:
+                hm, hp = self.branch_cost(b, exits[b])
+                seg.append(current); head.append(hm); params += hp
+                current = 0
+        seg.append(current); head.append(self.head_cost[0]); params += self.head_cost[1]
+        return ExitCosts(np.array(seg, float), np.array(head, float), params, int(sum(seg) + head[-1]))

@@ -1,0 +1,99 @@
+"""MultiExitModule: trains the weight-sharing early-exit supernet.
+
+Each step trains several subnets by the sandwich rule (largest, smallest,
+`n_random` random), each with a branch at every tap it keeps, and sums their
+per-exit cross-entropy losses: final exit weighted `final_weight`, the mean of
+the early exits weighted `early_weight`; optional self-distillation pulls every
+exit towards the largest subnet's final prediction.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class MultiExitModule(L.LightningModule):
+    def __init__(self, supernet, optimizer, scheduler=None, n_random: int = 1, final_weight: float = 1.0,
+                 early_weight: float = 1.0, distill_weight: float = 0.0, distill_temperature: float = 2.0,
+                 seed: int = 0):
+        super().__init__()
+        self.supernet, self.space = supernet, supernet.space
+        self.optimizer_cfg, self.scheduler_cfg = optimizer, scheduler
+        self.n_random, self.final_weight, self.early_weight = n_random, final_weight, early_weight
+        self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
+        self.rng = np.random.default_rng(seed)
+        self.eval_genome = self.space.largest()
+        n_eval = self.eval_genome.n_exits
+        num_classes = supernet.backbone.num_classes
+        self.val_acc = torch.nn.ModuleList([MulticlassAccuracy(num_classes, average="micro") for _ in range(n_eval)])
+        self.save_hyperparameters(ignore=["supernet"])
+
+    def forward(self, x, genome=None):
+        return self.supernet(x, genome or self.eval_genome)
+
+    def exit_loss(self, logits: list[torch.Tensor], y: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
+        losses = [F.cross_entropy(z, y) for z in logits]
+        loss = self.final_weight * losses[-1]
+        if len(losses) > 1:
+            loss = loss + self.early_weight * torch.stack(losses[:-1]).mean()
+        if teacher is not None and self.distill_weight > 0:
+            t = self.distill_temperature
+            soft = F.softmax(teacher / t, dim=1)
+            kd = torch.stack([F.kl_div(F.log_softmax(z / t, dim=1), soft, reduction="batchmean") for z in logits])
+            loss = loss + self.distill_weight * t * t * kd.mean()
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        genomes = self.space.training_genomes(self.rng, self.n_random)
+        total, teacher = 0.0, None
+        for i, genome in enumerate(genomes):
+            logits = self.supernet(x, genome)
+            loss = self.exit_loss(logits, y, teacher)
+            if i == 0:  # the largest subnet teaches the others
+                teacher = logits[-1].detach()
+                self.log("train/acc_final", (logits[-1].argmax(1) == y).float().mean(), prog_bar=True)
+            total = total + loss
+        if not torch.isfinite(total):
+            raise NonFiniteLossError(
+                f"training loss became {total.item()} at epoch {self.current_epoch}, step {self.global_step}; "
+                "lower training.optimizer.lr or check the data. The last good checkpoint is kept.")
+        self.log("train/loss", total / len(genomes), prog_bar=True)
+        return total / len(genomes)
+
+    def validation_step(self, batch, batch_idx):
+        """Per-exit accuracy of the largest subnet (BN statistics shared; a progress signal only)."""
+        x, y = batch
+        for k, z in enumerate(self.supernet(x, self.eval_genome)):
+            self.val_acc[k].update(z, y)
+
+    def on_validation_epoch_end(self):
+        for k, metric in enumerate(self.val_acc):
+            name = "final" if k == len(self.val_acc) - 1 else f"exit{k}"
+            self.log(f"val/acc_{name}", metric.compute(), prog_bar=name == "final")
+            metric.reset()
+
+    def configure_optimizers(self):
+        optimizer = instantiate(self.optimizer_cfg)(self.parameters())
+        if not self.scheduler_cfg:
+            return optimizer
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        scheduler = instantiate(self.scheduler_cfg)(optimizer, T_max=max(1, epochs))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["subnet_sampler_rng"] = self.rng.bit_generator.state
+
+    def on_load_checkpoint(self, checkpoint):
+        if "subnet_sampler_rng" in checkpoint:
+            self.rng.bit_generator.state = checkpoint["subnet_sampler_rng"]

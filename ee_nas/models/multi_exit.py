@@ -1,0 +1,73 @@
+"""The weight-sharing early-exit supernet and the static multi-exit network it extracts."""
+from __future__ import annotations
+
+from torch import nn
+
+from ee_nas.models.backbone import ElasticBackbone
+from ee_nas.models.branches import ElasticBranch
+
+
+class MultiExitNet(nn.Module):
+    """A static early-exit network: segment k runs the backbone up to exit k's tap, head k classifies.
+
+    ``forward`` returns the logits of every exit (the last is the final classifier);
+    the segment/head split is what the dynamic runtime and export use.
+    """
+
+    def __init__(self, segments: list[nn.Module], heads: list[nn.Module], taps: list[int]):
+        super().__init__()
+        if len(segments) != len(heads) or len(taps) != len(heads) - 1:
+            raise ValueError("MultiExitNet needs one segment and one head per exit, and one tap per early exit")
+        self.segments, self.heads, self.taps = nn.ModuleList(segments), nn.ModuleList(heads), list(taps)
+
+    @property
+    def n_exits(self) -> int:
+        return len(self.heads)
+
+    def forward(self, x):
+        logits = []
+        for segment, head in zip(self.segments, self.heads):
+            x = segment(x)
+            logits.append(head(x))
+        return logits
+
+
+class MultiExitSupernet(nn.Module):
+    """Backbone supernet plus one weight-sharing branch supernet at every candidate tap."""
+
+    def __init__(self, backbone: ElasticBackbone, space):
+        super().__init__()
+        self.backbone, self.space = backbone, space
+        self.branches = nn.ModuleDict({
+            str(t): ElasticBranch(backbone.block_out[t], backbone.num_classes, space.max_layers,
+                                  space.ops, space.widths)
+            for t in space.candidate_taps
+        })
+
+    def forward(self, x, genome):
+        """Logits of every exit of `genome` (early exits in tap order, then the final classifier)."""
+        exits = {e.tap: e.layers for e in genome.exits}
+        logits = []
+        for block, x in self.backbone.iter_taps(x, genome):
+            if block in exits:
+                logits.append(self.branches[str(block)](x, exits[block]))
+        logits.append(self.backbone.head(x))
+        return logits
+
+    def extract(self, genome) -> MultiExitNet:
+        """Copy the weights of one subnet into a plain static network."""
+        bb = self.backbone
+        segments, heads, current = [], [], [bb.extract_stem()]
+        for exit_ in genome.exits:
+            if not bb.is_active(exit_.tap, genome.depths):
+                raise ValueError(f"exit at tap {exit_.tap} sits on a block that the genome's depths drop")
+        exits = {e.tap: e.layers for e in genome.exits}
+        for block in bb.active_blocks(genome.depths):
+            current.append(bb.extract_block(block, genome))
+            if block in exits:
+                segments.append(nn.Sequential(*current))
+                heads.append(self.branches[str(block)].extract(exits[block]))
+                current = []
+        segments.append(nn.Sequential(*current))
+        heads.append(bb.extract_head())
+        return MultiExitNet(segments, heads, list(genome.taps))

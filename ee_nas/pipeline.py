@@ -1,0 +1,98 @@
+"""Stages of a run after composition: callbacks, resume, and the post-search threshold/test report."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from ee_nas.search.evaluator import SubnetEvaluator
+from ee_nas.search.genome import Genome
+from ee_nas.thresholds import evaluate_policy, oracle_policy, threshold_sweep, tune_thresholds
+from ee_nas.utils import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def eval_device(cfg: DictConfig) -> str:
+    device = cfg.evaluation.device
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def make_callbacks(cfg: DictConfig, run_dir: Path, hardware) -> tuple[list, object | None]:
+    """Checkpointing, plus the NAS callback unless the user fixed the architecture with +arch."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0)]
+    nas = None
+    if not cfg.get("arch"):
+        # partial: a dataclass argument would be turned into a DictConfig by instantiate
+        nas = instantiate(cfg.search, _partial_=True)(
+            run_dir=str(run_dir), hardware=hardware, measure=cfg.thresholds.measure,
+            max_candidates=cfg.thresholds.max_candidates,
+            calibration_samples=cfg.evaluation.calibration_samples, device=eval_device(cfg))
+        callbacks.append(nas)
+    return callbacks, nas
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.get("resume", True) and last.exists():
+        log.info("resuming supernet training from %s", last)
+        return str(last)
+    return None
+
+
+def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hardware, nas) -> dict:
+    """Tune the chosen subnet's thresholds on val, report on test, sweep, write summary.json."""
+    supernet = module.supernet.to(eval_device(cfg)).eval()
+    evaluator = SubnetEvaluator(supernet, datamodule, measure=cfg.thresholds.measure,
+                                calibration_samples=cfg.evaluation.calibration_samples, device=eval_device(cfg),
+                                max_candidates=cfg.thresholds.max_candidates)
+    ref = evaluator.reference_macs
+    target = hardware.target(ref)
+    if cfg.get("arch"):
+        genome = supernet.space.validate(Genome.load(cfg.arch))
+        genome.save(run_dir / "arch.yaml")
+        search = {"n_evaluated": 0, "hypervolume": None}
+    else:
+        genome, search = nas.result["genome"], nas.result
+    net = evaluator.subnet(genome)
+    out = evaluator.outputs(genome, ("val", "test"), net=net)
+    val, test = out["val"], out["test"]
+    costs = evaluator.costs.costs(genome)
+    cum = costs.cum_macs
+    policy = tune_thresholds(val.conf, val.correct, cum, target, max_candidates=cfg.thresholds.max_candidates)
+    tested = evaluate_policy(test.conf, test.correct, cum, policy.thresholds, target).to_dict()
+    sweep = threshold_sweep(val.conf, val.correct, test.conf, test.correct, cum,
+                            n_points=cfg.thresholds.sweep_points, max_candidates=cfg.thresholds.max_candidates)
+    atomic_write_json(run_dir / "threshold_sweep.json", sweep)
+    from ee_nas.thresholds.plots import plot_threshold_sweep
+
+    plot_threshold_sweep(sweep, run_dir / "threshold_sweep.png")
+    np.savez_compressed(run_dir / "val_logits.npz", logits=val.logits, labels=val.labels, cum_macs=cum)
+    torch.save({"genome": genome.to_dict(), "state_dict": net.state_dict(), "thresholds": policy.thresholds,
+                "measure": cfg.thresholds.measure}, run_dir / "subnet.pt")
+    oracle = oracle_policy(test.correct, cum)
+    summary = {
+        "dataset": datamodule.name, "seed": int(cfg.seed), "search_space": supernet.space.name,
+        "hardware": hardware.name,
+        "test_acc": tested["accuracy"], "final_exit_test_acc": float(test.correct[:, -1].mean()),
+        "val_acc": policy.accuracy, "final_exit_val_acc": float(val.correct[:, -1].mean()),
+        "avg_macs": tested["avg_macs"], "val_avg_macs": policy.avg_macs,
+        "backbone_macs": costs.backbone_macs, "reference_macs": ref,
+        "relative_macs": tested["avg_macs"] / ref, "target_macs": target,
+        "meets_target": target is None or tested["avg_macs"] <= target, "val_meets_target": policy.feasible,
+        "cum_macs": cum.tolist(), "params": costs.params, "n_exits": genome.n_exits, "taps": list(genome.taps),
+        "exit_rates": tested["exit_rates"], "exit_accs": tested["exit_accs"], "thresholds": tested["thresholds"],
+        "measure": cfg.thresholds.measure,
+        "oracle_test_acc": oracle["accuracy"], "oracle_avg_macs": oracle["avg_macs"],
+        "energy_mj": hardware.energy_mj(tested["avg_macs"]),
+        "n_evaluated": search["n_evaluated"], "hypervolume": search["hypervolume"],
+        "genome": genome.to_dict(),
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary

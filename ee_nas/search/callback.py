@@ -1,0 +1,88 @@
+"""EvolutionaryNASCallback: after the supernet is fitted, search it (no per-candidate training).
+
+Writes into the run directory: `archive.json` (every candidate, after each
+generation), `search_progress.csv`, `pareto_front.json`, `pareto.png` and the
+chosen architecture as `arch.yaml`; rerunning in the same directory resumes.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+
+from ee_nas.search.archive import Archive, hypervolume, pareto_front
+from ee_nas.search.evaluator import SubnetEvaluator
+from ee_nas.search.evolution import choose, evaluate_cached, search
+from ee_nas.search.genome import Genome
+from ee_nas.search.report import write_front
+
+log = logging.getLogger(__name__)
+
+
+class EvolutionaryNASCallback(L.Callback):
+    def __init__(self, run_dir: str, hardware, algorithm: str = "nsga2", pop_size: int = 16,
+                 n_generations: int = 8, seed: int = 0, crossover_prob: float = 0.9, mutation_prob: float = 0.1,
+                 measure: str = "max_softmax", max_candidates: int = 256, calibration_samples: int = 512,
+                 device: str = "cpu"):
+        self.run_dir, self.hardware = Path(run_dir), hardware
+        self.algorithm, self.pop_size, self.n_generations, self.seed = algorithm, pop_size, n_generations, seed
+        self.crossover_prob, self.mutation_prob = crossover_prob, mutation_prob
+        self.measure, self.max_candidates = measure, max_candidates
+        self.calibration_samples, self.device = calibration_samples, device
+        self.result: dict | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.global_rank != 0:
+            return
+        supernet = pl_module.supernet
+        evaluator = SubnetEvaluator(supernet, trainer.datamodule, measure=self.measure,
+                                    calibration_samples=self.calibration_samples, device=self.device,
+                                    max_candidates=self.max_candidates)
+        ref = evaluator.reference_macs
+        target = self.hardware.target(ref)
+        space = supernet.space
+        archive = Archive(self.run_dir / "archive.json")
+        if len(archive):
+            log.info("resuming the search from %s (%d candidates already evaluated)", archive.path, len(archive))
+        if space.is_fixed:  # nothing to search: score the one genome the space holds
+            evaluate_cached(space.default_genome(), lambda g: evaluator.score(g, target), archive, 0)
+            archive.save()
+            front = pareto_front(archive.evaluated(), ref)
+        else:
+            progress_file = self.run_dir / "search_progress.csv"
+            progress_file.unlink(missing_ok=True)  # rewritten in full by the (replayed) generations
+            front = search(space, lambda g: evaluator.score(g, target), archive, algorithm=self.algorithm,
+                           pop_size=self.pop_size, n_generations=self.n_generations, seed=self.seed,
+                           reference_macs=ref, target=target, crossover_prob=self.crossover_prob,
+                           mutation_prob=self.mutation_prob,
+                           on_generation=lambda gen, stats: self._log_generation(trainer, progress_file, stats))
+        chosen = choose(front)
+        if chosen is None:
+            ok = archive.evaluated()
+            if not ok:
+                raise RuntimeError(f"every candidate failed; see the errors in {archive.path}")
+            chosen = min(ok, key=lambda r: r["avg_macs"])
+            log.warning("no candidate meets the target of %.3g avg MACs; choosing the cheapest (%.3g)",
+                        target, chosen["avg_macs"])
+        genome = Genome.from_dict(chosen["genome"])
+        genome.save(self.run_dir / "arch.yaml")
+        self.result = {"genome": genome, "front": front, "chosen": chosen, "reference_macs": ref, "target": target,
+                       "n_evaluated": len(archive), "hypervolume": hypervolume(archive.evaluated(), ref),
+                       "records": archive.evaluated(), "search_space": space.name}
+        write_front(self.run_dir, self.result)
+
+    def _log_generation(self, trainer: L.Trainer, path: Path, stats: dict) -> None:
+        log.info("generation %d: %d evaluated, hypervolume %.4f, best val acc under target %.4f",
+                 stats["generation"], stats["n_evaluated"], stats["hypervolume"], stats["best_acc_under_target"])
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(stats))
+            if new:
+                writer.writeheader()
+            writer.writerow(stats)
+        metrics = {f"search/{k}": v for k, v in stats.items() if not (isinstance(v, float) and math.isnan(v))}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step + stats["generation"] + 1)

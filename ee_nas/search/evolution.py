@@ -1,0 +1,158 @@
+"""NSGA-II (pymoo) and random search over genomes, with an archive that makes them resumable.
+
+pymoo sees each genome through the space's integer encoding; sampling,
+crossover and mutation are the space's own (so every offspring is repaired
+into a valid genome). The loop uses pymoo's ask/tell interface so that each
+generation can be logged and checkpointed.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+from pymoo.algorithms.moo.nsga2 import NSGA2
+from pymoo.core.crossover import Crossover
+from pymoo.core.duplicate import ElementwiseDuplicateElimination
+from pymoo.core.evaluator import Evaluator
+from pymoo.core.mutation import Mutation
+from pymoo.core.problem import Problem
+from pymoo.core.sampling import Sampling
+from pymoo.problems.static import StaticProblem
+from tqdm.auto import tqdm
+
+from ee_nas.search.archive import Archive, hypervolume, objectives, pareto_front
+
+log = logging.getLogger(__name__)
+
+
+class GenomeSampling(Sampling):
+    def __init__(self, space):
+        super().__init__()
+        self.space = space
+
+    def _do(self, problem, n_samples, *args, random_state=None, **kwargs):
+        return np.array([self.space.encode(self.space.sample(random_state)) for _ in range(n_samples)])
+
+
+class GenomeCrossover(Crossover):
+    def __init__(self, space, prob: float = 0.9):
+        super().__init__(n_parents=2, n_offsprings=2, prob=prob)
+        self.space = space
+
+    def _do(self, problem, X, *args, random_state=None, **kwargs):
+        _, n_matings, n_var = X.shape
+        Y = np.empty((2, n_matings, n_var), dtype=X.dtype)
+        for m in range(n_matings):
+            a, b = self.space.decode(X[0, m]), self.space.decode(X[1, m])
+            Y[0, m] = self.space.encode(self.space.crossover(a, b, random_state))
+            Y[1, m] = self.space.encode(self.space.crossover(b, a, random_state))
+        return Y
+
+
+class GenomeMutation(Mutation):
+    def __init__(self, space, gene_prob: float = 0.1):
+        super().__init__()
+        self.space, self.gene_prob = space, gene_prob
+
+    def _do(self, problem, X, *args, random_state=None, **kwargs):
+        return np.array([self.space.encode(self.space.mutate(self.space.decode(x), random_state, self.gene_prob))
+                         for x in X])
+
+
+class GenomeDuplicates(ElementwiseDuplicateElimination):
+    def is_equal(self, a, b):
+        return np.array_equal(a.X, b.X)
+
+
+def search(space, evaluate: Callable, archive: Archive, *, algorithm: str = "nsga2", pop_size: int = 16,
+           n_generations: int = 8, seed: int = 0, reference_macs: float, target: float | None,
+           crossover_prob: float = 0.9, mutation_prob: float = 0.1,
+           on_generation: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Run the search; returns the feasible Pareto front (archive records).
+
+    `evaluate(genome) -> dict` must return at least val_acc, avg_macs, feasible; an
+    exception marks the candidate failed (kept in the archive, never selected).
+    """
+    if pop_size < 2 or n_generations < 1:
+        raise ValueError(f"search.pop_size={pop_size} must be >= 2 and search.n_generations={n_generations} >= 1")
+    lo, hi = space.bounds()
+    problem = Problem(n_var=space.n_var, n_obj=2, n_ieq_constr=1, xl=lo, xu=hi, vtype=int)
+    rng = np.random.default_rng(seed)
+    if algorithm == "nsga2":
+        algo = NSGA2(pop_size=pop_size, sampling=GenomeSampling(space),
+                     crossover=GenomeCrossover(space, crossover_prob), mutation=GenomeMutation(space, mutation_prob),
+                     eliminate_duplicates=GenomeDuplicates())
+        algo.setup(problem, termination=("n_gen", n_generations), seed=seed, verbose=False)
+    elif algorithm != "random":
+        raise ValueError(f"search.algorithm={algorithm!r}: valid are 'nsga2' and 'random'")
+    progress = tqdm(total=pop_size * n_generations, desc=f"search ({algorithm})", unit="cand", leave=False)
+    for gen in range(n_generations):
+        if algorithm == "nsga2":
+            pop = algo.ask()
+            X = pop.get("X")
+        else:
+            X = np.array([space.encode(space.sample(rng)) for _ in range(pop_size)])
+        F, G = [], []
+        for x in X:
+            record = evaluate_cached(space.decode(x), evaluate, archive, gen)
+            F.append(_penalized_objectives(record, reference_macs))
+            G.append([_violation(record, target, reference_macs)])
+            progress.update(1)
+        if algorithm == "nsga2":
+            Evaluator().eval(StaticProblem(problem, F=np.array(F), G=np.array(G)), pop)
+            algo.tell(infills=pop)
+        archive.save()
+        if on_generation:
+            on_generation(gen, generation_stats(archive, gen, reference_macs, target))
+    progress.close()
+    return pareto_front(archive.evaluated(), reference_macs)
+
+
+def evaluate_cached(genome, evaluate, archive: Archive, gen: int) -> dict:
+    key = genome.key()
+    record = archive.get(key)
+    if record is not None:
+        return record
+    try:
+        record = {**evaluate(genome), "status": "ok"}
+    except Exception as err:  # a failed candidate is recorded and the search goes on
+        log.warning("candidate evaluation failed (%s): %s", type(err).__name__, err)
+        record = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+    record.update(key=key, genome=genome.to_dict(), generation=gen)
+    archive.add(record)
+    return record
+
+
+def _penalized_objectives(record: dict, reference_macs: float) -> list[float]:
+    if record["status"] != "ok":
+        return [1.0, 10.0]
+    return list(objectives(record, reference_macs))
+
+
+def _violation(record: dict, target: float | None, reference_macs: float) -> float:
+    """<= 0 when the candidate meets the target; failed candidates are always infeasible."""
+    if record["status"] != "ok":
+        return 10.0
+    if target is None:
+        return -1.0
+    return (record["avg_macs"] - target) / reference_macs
+
+
+def generation_stats(archive: Archive, gen: int, reference_macs: float, target: float | None) -> dict:
+    records = archive.evaluated()
+    feasible = [r for r in records if r["feasible"]]
+    upto = [r for r in records if r["generation"] <= gen]
+    return {
+        "generation": gen,
+        "n_evaluated": len([r for r in archive.records.values() if r["generation"] <= gen]),
+        "n_failed": len([r for r in archive.records.values() if r["status"] != "ok"]),
+        "hypervolume": hypervolume(upto, reference_macs),
+        "best_acc_under_target": max((r["val_acc"] for r in feasible if r["generation"] <= gen), default=float("nan")),
+        "front_size": len(pareto_front(upto, reference_macs)),
+    }
+
+
+def choose(front: list[dict]) -> dict | None:
+    """Best validation accuracy under the target (the feasible front); ties go to fewer avg MACs."""
+    return max(front, key=lambda r: (r["val_acc"], -r["avg_macs"])) if front else None

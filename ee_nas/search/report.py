@@ -1,0 +1,46 @@
+"""Search artifacts a person reads: the Pareto front as JSON and as a plot."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ee_nas.utils import atomic_write_json  # noqa: E402
+
+FRONT_KEYS = ("val_acc", "avg_macs", "params", "exit_rates", "thresholds", "cum_macs", "final_exit_val_acc")
+
+
+def write_front(run_dir: Path, result: dict) -> None:
+    front = [{"genome": r["genome"], **{k: r[k] for k in FRONT_KEYS}} for r in result["front"]]
+    atomic_write_json(run_dir / "pareto_front.json", {
+        "search_space": result["search_space"], "target_macs": result["target"],
+        "reference_macs": result["reference_macs"], "hypervolume": result["hypervolume"],
+        "n_evaluated": result["n_evaluated"], "front": front})
+    plot_front(run_dir / "pareto.png", result)
+
+
+def plot_front(path: Path, result: dict) -> None:
+    ref = result["reference_macs"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    pts = result["records"]
+    ax.scatter([r["avg_macs"] / ref for r in pts], [r["val_acc"] for r in pts], s=12, c="lightgray",
+               label=f"evaluated ({len(pts)})")
+    front = result["front"]
+    ax.plot([r["avg_macs"] / ref for r in front], [r["val_acc"] for r in front], "o-", c="tab:blue",
+            label="Pareto front (feasible)")
+    chosen = result["chosen"]
+    ax.scatter([chosen["avg_macs"] / ref], [chosen["val_acc"]], s=120, marker="*", c="tab:red", zorder=5,
+               label="chosen")
+    if result["target"] is not None:
+        ax.axvline(result["target"] / ref, ls="--", c="tab:red", lw=1, label="target")
+    ax.set_xlabel("avg MACs / largest backbone MACs")
+    ax.set_ylabel("validation accuracy (tuned thresholds)")
+    ax.set_title(f"{result['search_space']}: hypervolume {result['hypervolume']:.4f}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,116 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ee_nas.data import DataError, DigitsDataModule
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "data" / "digits.yaml"
+
+
+def make(**kw):
+    dm = DigitsDataModule(**{"split_seed": 0, **kw})
+    dm.setup()
+    return dm
+
+
+def test_attributes_known_before_setup():
+    dm = DigitsDataModule()
+    assert (dm.name, dm.num_classes, dm.in_channels, dm.image_size) == ("digits", 10, 1, 32)
+    assert len(dm.mean) == len(dm.std) == 1
+
+
+def test_splits_disjoint_cover_all_and_stratified():
+    dm = make()
+    idx = dm.split_indices
+    assert sum(len(v) for v in idx.values()) == 1797
+    assert len(np.unique(np.concatenate(list(idx.values())))) == 1797
+    assert dm.split_sizes() == {s: len(idx[s]) for s in ("train", "val", "test")}
+    assert abs(dm.split_sizes()["val"] - 0.2 * 1797) <= 1
+    for split in ("val", "test"):
+        counts = np.bincount(dm.split_tensors(split)[1].numpy(), minlength=10)
+        # stratified: ~36 per class; a random split would often stray further
+        assert counts.min() >= 34 and counts.max() <= 38, counts
+
+
+def test_split_deterministic_by_seed():
+    a, b, c = make(split_seed=5), make(split_seed=5), make(split_seed=6)
+    for s in ("train", "val", "test"):
+        np.testing.assert_array_equal(a.split_indices[s], b.split_indices[s])
+    assert not np.array_equal(a.split_indices["val"], c.split_indices["val"])
+    torch.testing.assert_close(a.split_tensors("val"), b.split_tensors("val"))
+
+
+def test_shapes_normalization_and_split_tensors_match_loader():
+    dm = make()
+    x, y = dm.split_tensors("test")
+    assert x.shape == (dm.split_sizes()["test"], 1, 32, 32) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and set(y.tolist()) == set(range(10))
+    xs, ys = zip(*dm.eval_dataloader("test"))
+    torch.testing.assert_close(torch.cat(xs), x)
+    torch.testing.assert_close(torch.cat(ys), y)
+    # config mean/std really normalize the data
+    xt, _ = dm.split_tensors("train")
+    assert abs(xt.mean().item()) < 0.05 and abs(xt.std().item() - 1) < 0.05
+
+
+def test_split_tensors_subset_is_seeded_and_cached():
+    dm = make()
+    x, y = dm.split_tensors("val", max_samples=50)
+    assert x.shape[0] == 50
+    assert dm.split_tensors("val", max_samples=50)[0] is x  # cached
+    x2, y2 = make().split_tensors("val", max_samples=50)
+    torch.testing.assert_close(x2, x)
+    full_x, _ = dm.split_tensors("val")
+    # the subset consists of rows of the full split
+    assert all((full_x == row).flatten(1).all(1).any() for row in x[:5])
+
+
+def test_setup_is_idempotent():
+    dm = make()
+    raw = dm._raw
+    dm.setup("fit")
+    assert dm._raw is raw
+
+
+def test_augmentation_only_on_train_loader():
+    dm = make(augment={"random_crop_padding": 4, "horizontal_flip": False})
+    torch.manual_seed(0)
+    aug = torch.stack([dm.dataset("train", train_transforms=True)[i][0] for i in range(32)])
+    plain = torch.stack([dm.dataset("train")[i][0] for i in range(32)])
+    assert not torch.equal(aug, plain)
+    torch.testing.assert_close(plain, dm.split_tensors("train")[0][:32])
+    xb, yb = next(iter(dm.train_dataloader()))
+    assert xb.shape == (64, 1, 32, 32) and yb.shape == (64,)
+    # eval loader of train split: unshuffled and unaugmented
+    torch.testing.assert_close(next(iter(dm.eval_dataloader("train")))[0][:32], plain)
+    no_aug = make(augment={"random_crop_padding": 0})
+    torch.testing.assert_close(no_aug.dataset("train", train_transforms=True)[3][0], no_aug.dataset("train")[3][0])
+
+
+def test_bad_config_fails_early():
+    with pytest.raises(DataError, match="mean"):
+        DigitsDataModule(mean=[0.1, 0.2, 0.3])
+    with pytest.raises(DataError, match="random_crop"):
+        DigitsDataModule(augment={"random_crop": 4})
+    with pytest.raises(DataError, match="fraction"):
+        DigitsDataModule(val_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(DataError, match="split"):
+        make().eval_dataloader("validation")
+
+
+def test_yaml_instantiates():
+    cfg = OmegaConf.create({"seed": 7, "paths": {"data_dir": "/nonexistent"}, "data": OmegaConf.load(CONF)})
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, DigitsDataModule)
+    assert dm.split_seed == 7 and dm.batch_size == 64 and dm.eval_batch_size == 512
+    assert dm.augment == {"random_crop_padding": 4, "horizontal_flip": False}
+    assert dm.mean == (0.3053,)
+
+
+def test_image_size_option():
+    dm = make(image_size=16)
+    assert dm.split_tensors("val")[0].shape[1:] == (1, 16, 16)

@@ -1,0 +1,119 @@
+import itertools
+import logging
+
+import numpy as np
+import pytest
+
+from ee_nas.thresholds import (evaluate_policy, exit_indices, oracle_policy, tune_thresholds,
+                               tune_thresholds_from_logits)
+
+
+def synthetic(n, k, seed):
+    """Later exits are more often right; confidence correlates with correctness.
+    Confidences are rounded so that ties occur (checks the >= rule)."""
+    rng = np.random.default_rng(seed)
+    skill = np.linspace(0.3, 0.9, k)
+    ease = rng.random(n)[:, None]
+    conf = np.clip(skill * (0.5 + ease) + rng.normal(0, 0.15, (n, k)), 0, 1).round(2)
+    correct = rng.random((n, k)) < conf
+    cum_macs = np.cumsum(rng.uniform(1, 3, k))
+    return conf, correct, cum_macs
+
+
+def brute_force(conf, correct, cum_macs, target=None, lam=None):
+    """Best policy over every combination of observed confidences (+inf) per exit."""
+    n, k = conf.shape
+    cands = [np.append(np.unique(conf[:, j]), np.inf) for j in range(k - 1)]
+    combos = list(itertools.product(*cands))
+    grid = np.array(combos, dtype=float).reshape(len(combos), k - 1)
+    accept = np.concatenate([conf[None, :, :-1] >= grid[:, None, :], np.ones((len(grid), n, 1), bool)], axis=2)
+    e = accept.argmax(axis=2)
+    acc = correct[np.arange(n), e].mean(axis=1)
+    macs = cum_macs[e].mean(axis=1)
+    if lam is not None:
+        return (acc - lam * macs / cum_macs[-1]).max()
+    ok = macs <= target * (1 + 1e-9) if target is not None else np.ones(len(grid), bool)
+    return acc[ok].max()
+
+
+def test_exit_rule_by_hand():
+    conf = np.array([[0.9, 0.2, 0.1], [0.5, 0.8, 0.3], [0.1, 0.1, 0.0], [0.6, 0.1, 0.0]])
+    t = np.array([0.6, 0.7, 0.99])  # last threshold is ignored: the last exit always accepts
+    assert exit_indices(conf, t).tolist() == [0, 1, 2, 0]
+    assert exit_indices(conf, [np.inf, np.inf, np.inf]).tolist() == [2, 2, 2, 2]
+
+
+def test_evaluate_policy_by_hand():
+    conf = np.array([[0.9, 0.2, 0.1], [0.5, 0.8, 0.3], [0.1, 0.1, 0.0], [0.6, 0.1, 0.0]])
+    correct = np.array([[1, 0, 0], [0, 0, 1], [0, 1, 1], [0, 1, 1]], bool)
+    cum = np.array([1.0, 3.0, 6.0])
+    p = evaluate_policy(conf, correct, cum, [0.6, 0.7, 0.5], target=2.5)
+    assert p.accuracy == pytest.approx(0.5)  # right, wrong, right, wrong
+    assert p.exit_rates.tolist() == [0.5, 0.25, 0.25]
+    assert p.avg_macs == pytest.approx(0.5 * 1 + 0.25 * 3 + 0.25 * 6)
+    assert p.exit_accs[0] == 0.5 and p.exit_accs[1] == 0.0 and p.exit_accs[2] == 1.0
+    assert not p.feasible and p.thresholds[-1] == 0.0
+    q = evaluate_policy(conf, correct, cum, [0.0, np.inf, 0.0])
+    assert q.avg_macs == cum[0] and q.feasible  # everyone leaves at exit 1
+    assert np.isnan(q.exit_accs[1]) and q.to_dict()["exit_accs"][1] is None
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tuner_matches_exhaustive_search(k, seed):
+    conf, correct, cum = synthetic(120, k, seed)
+    targets = [None] + list(cum[0] + np.array([0.0, 0.15, 0.4, 0.7, 1.0]) * (cum[-1] - cum[0]))
+    for target in targets:
+        p = tune_thresholds(conf, correct, cum, target)
+        assert p.accuracy >= brute_force(conf, correct, cum, target) - 0.005
+        assert p.feasible
+        if target is not None:
+            assert p.avg_macs <= target * (1 + 1e-9)
+        again = evaluate_policy(conf, correct, cum, p.thresholds, target)
+        assert again.accuracy == p.accuracy and again.avg_macs == p.avg_macs
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0, 3.0])
+def test_lagrangian_matches_exhaustive_search(lam):
+    conf, correct, cum = synthetic(100, 3, 7)
+    p = tune_thresholds(conf, correct, cum, None, lam=lam)
+    assert p.accuracy - lam * p.avg_macs / cum[-1] >= brute_force(conf, correct, cum, lam=lam) - 1e-9
+
+
+def test_unconstrained_is_max_accuracy_then_cheaper():
+    conf, correct, cum = synthetic(150, 3, 3)
+    p = tune_thresholds(conf, correct, cum, None)
+    assert p.accuracy == pytest.approx(brute_force(conf, correct, cum))
+    assert tune_thresholds(conf, correct, cum, p.avg_macs).accuracy == pytest.approx(p.accuracy)
+
+
+def test_infeasible_target_returns_cheapest(caplog):
+    conf, correct, cum = synthetic(80, 3, 4)
+    with caplog.at_level(logging.WARNING):
+        p = tune_thresholds(conf, correct, cum, cum[0] * 0.5)
+    assert not p.feasible
+    assert p.exit_rates.tolist() == [1.0, 0.0, 0.0] and p.avg_macs == cum[0]
+    assert "target" in caplog.text
+
+
+def test_oracle_bounds_every_tuned_policy():
+    conf, correct, cum = synthetic(300, 4, 5)
+    o = oracle_policy(correct, cum)
+    assert o["accuracy"] == correct.any(axis=1).mean()
+    for target in np.linspace(cum[0], cum[-1], 6):
+        assert tune_thresholds(conf, correct, cum, target).accuracy <= o["accuracy"]
+
+
+def test_from_logits_and_quantile_candidates():
+    rng = np.random.default_rng(0)
+    n, k, c = 2000, 4, 10
+    y = rng.integers(0, c, n)
+    x = rng.normal(size=(n, k, c))
+    x[np.arange(n), :, y] += np.linspace(0.5, 3, k)
+    cum = np.array([1.0, 2.0, 3.0, 4.0])
+    p = tune_thresholds_from_logits(x, y, cum, 2.5, measure="entropy", max_candidates=32)
+    assert p.feasible and p.avg_macs <= 2.5 * (1 + 1e-9)
+    assert p.exit_rates.sum() == pytest.approx(1.0)
+    assert p.accuracy >= (x[:, 0].argmax(-1) == y).mean()  # never worse than the cheapest policy
+    d = p.to_dict()
+    assert len(d["thresholds"]) == k and d["thresholds"][-1] == 0.0
