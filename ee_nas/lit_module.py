@@ -8,14 +8,14 @@ exit towards the largest subnet's final prediction.
 """
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torchmetrics.classification import MulticlassAccuracy
+
+from ee_nas.models.bn import recalibrate_bn
 
 
 class NonFiniteLossError(RuntimeError):
@@ -25,12 +25,13 @@ class NonFiniteLossError(RuntimeError):
 class MultiExitModule(L.LightningModule):
     def __init__(self, supernet, optimizer, scheduler=None, n_random: int = 1, final_weight: float = 1.0,
                  early_weight: float = 1.0, distill_weight: float = 0.0, distill_temperature: float = 2.0,
-                 seed: int = 0):
+                 calibration_samples: int = 512, seed: int = 0):
         super().__init__()
         self.supernet, self.space = supernet, supernet.space
         self.optimizer_cfg, self.scheduler_cfg = optimizer, scheduler
         self.n_random, self.final_weight, self.early_weight = n_random, final_weight, early_weight
         self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
+        self.calibration_samples = calibration_samples
         self.rng = np.random.default_rng(seed)
         self.eval_genome = self.space.largest()
         n_eval = self.eval_genome.n_exits
@@ -71,10 +72,15 @@ class MultiExitModule(L.LightningModule):
         self.log("train/loss", total / len(genomes), prog_bar=True)
         return total / len(genomes)
 
+    def on_validation_epoch_start(self):
+        """Validate the largest subnet with BatchNorm statistics of its own (shared ones are stale)."""
+        calibration = self.trainer.datamodule.split_tensors("train", max_samples=self.calibration_samples)[0]
+        net = self.supernet.extract(self.eval_genome).to(self.device)
+        self._val_net = recalibrate_bn(net, calibration.to(self.device))
+
     def validation_step(self, batch, batch_idx):
-        """Per-exit accuracy of the largest subnet (BN statistics shared; a progress signal only)."""
         x, y = batch
-        for k, z in enumerate(self.supernet(x, self.eval_genome)):
+        for k, z in enumerate(self._val_net(x)):
             self.val_acc[k].update(z, y)
 
     def on_validation_epoch_end(self):

@@ -62,7 +62,8 @@ def run(cfg: DictConfig) -> dict:
                            image_size=datamodule.image_size)
     space = instantiate(cfg.search_space, backbone=backbone)
     supernet = MultiExitSupernet(backbone, space)
-    module = MultiExitModule(supernet, seed=cfg.seed, **OmegaConf.to_container(cfg.training))
+    module = MultiExitModule(supernet, seed=cfg.seed, calibration_samples=cfg.evaluation.calibration_samples,
+                             **OmegaConf.to_container(cfg.training))
     hardware = instantiate(cfg.hardware)
     loggers = make_loggers(cfg, run_dir)
     callbacks, nas = make_callbacks(cfg, run_dir, hardware)

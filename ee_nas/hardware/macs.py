@@ -20,8 +20,11 @@ def module_macs(module: nn.Module, input_shape: Sequence[int]) -> tuple[int, int
     """(MACs, parameters) of one forward pass of `module` on one sample of shape C,H,W."""
     was = module.training
     module.eval()
+    # count_functional=False: with it on, ptflops counts nn.ReLU / pooling twice (module hook +
+    # patched F.relu / F.*pool* called inside the module); every op here is an nn module anyway
     macs, params = get_model_complexity_info(module, tuple(input_shape), as_strings=False,
-                                             print_per_layer_stat=False, ost=io.StringIO())
+                                             print_per_layer_stat=False, ost=io.StringIO(), backend="pytorch",
+                                             backend_specific_config={"count_functional": False})
     module.train(was)
     return int(macs), int(params)
 
@@ -33,8 +36,8 @@ def cum_macs(segment_macs: Sequence[float], head_macs: Sequence[float]) -> np.nd
 
 def avg_macs(exit_rates: Sequence[float], cum: Sequence[float]) -> float:
     rates = np.asarray(exit_rates, dtype=float)
-    if rates.shape != np.shape(cum) or not np.isclose(rates.sum(), 1.0):
-        raise ValueError(f"exit_rates {rates.tolist()} must sum to 1 and match the {len(cum)} exits")
+    if rates.shape != np.shape(cum) or not np.isclose(rates.sum(), 1.0) or (rates < 0).any():
+        raise ValueError(f"exit_rates {rates.tolist()} must be >= 0, sum to 1 and match the {len(cum)} exits")
     return float(rates @ np.asarray(cum, dtype=float))
 
 

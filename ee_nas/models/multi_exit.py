@@ -46,6 +46,7 @@ class MultiExitSupernet(nn.Module):
 
     def forward(self, x, genome):
         """Logits of every exit of `genome` (early exits in tap order, then the final classifier)."""
+        self._check_exits(genome)
         exits = {e.tap: e.layers for e in genome.exits}
         logits = []
         for block, x in self.backbone.iter_taps(x, genome):
@@ -54,13 +55,17 @@ class MultiExitSupernet(nn.Module):
         logits.append(self.backbone.head(x))
         return logits
 
+    def _check_exits(self, genome) -> None:
+        # forward would silently skip such an exit (one logit fewer than genome.n_exits)
+        for exit_ in genome.exits:
+            if not self.backbone.is_active(exit_.tap, genome.depths):
+                raise ValueError(f"exit at tap {exit_.tap} sits on a block that the genome's depths drop")
+
     def extract(self, genome) -> MultiExitNet:
         """Copy the weights of one subnet into a plain static network."""
         bb = self.backbone
+        self._check_exits(genome)
         segments, heads, current = [], [], [bb.extract_stem()]
-        for exit_ in genome.exits:
-            if not bb.is_active(exit_.tap, genome.depths):
-                raise ValueError(f"exit at tap {exit_.tap} sits on a block that the genome's depths drop")
         exits = {e.tap: e.layers for e in genome.exits}
         for block in bb.active_blocks(genome.depths):
             current.append(bb.extract_block(block, genome))

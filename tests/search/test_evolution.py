@@ -1,0 +1,228 @@
+"""NSGA-II / random search, archive and resume, with a cheap synthetic evaluator (no training, no ptflops)."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from ee_nas.hardware.macs import avg_macs, cum_macs
+from ee_nas.search import evolution
+from ee_nas.search.archive import Archive, hypervolume, objectives, pareto_front
+from ee_nas.search.evolution import choose, search
+
+OP_COST = {"conv3x3": 9.0, "dwsep3x3": 2.0, "mbconv3": 4.0, "mbconv6": 7.0, "avgpool": 0.2, "maxpool": 0.2}
+OP_SKILL = {"conv3x3": 1.0, "dwsep3x3": 0.7, "mbconv3": 0.8, "mbconv6": 1.0, "avgpool": 0.1, "maxpool": 0.15}
+
+
+class SyntheticEvaluator:
+    """Deterministic stand-in for SubnetEvaluator.score: bigger backbones are more accurate and cost more;
+    early exits save MACs (more when placed early and when their branch is strong) but are less accurate."""
+
+    def __init__(self, space, target=None, fail_tap=None):
+        self.space, self.target, self.fail_tap = space, target, fail_tap
+        self.calls = []
+        self.reference = self.costs(space.largest_backbone())[0][-1]  # the largest backbone, no exits
+
+    def block_cost(self, genome, b):
+        return genome.expands[b] * genome.kernels[b] ** 2 * (1 + self.space.block_stage[b])
+
+    def costs(self, genome):
+        active = [b for b in range(self.space.n_blocks)
+                  if self.space.block_index[b] < genome.depths[self.space.block_stage[b]]]
+        exits = {e.tap: e for e in genome.exits}
+        seg, head, current, quality = [], [], 10.0, []
+        for i, b in enumerate(active):
+            current += self.block_cost(genome, b)
+            if b in exits:
+                layers = exits[b].layers
+                strength = min(1.0, sum(OP_SKILL[l.op] * (l.width or 16) / 32 for l in layers))
+                seg.append(current); head.append(2.0 + sum(OP_COST[l.op] * (l.width or 4) / 8 for l in layers))
+                quality.append(((i + 1) / len(active), strength))
+                current = 0.0
+        seg.append(current); head.append(5.0)
+        return cum_macs(seg, head), quality
+
+    def __call__(self, genome):
+        self.calls.append(genome.key())
+        if self.fail_tap is not None and self.fail_tap in genome.taps:
+            raise RuntimeError(f"synthetic failure at tap {self.fail_tap}")
+        cum, quality = self.costs(genome)
+        capacity = cum[-1] / self.reference  # grows with depth, expand ratio and kernel (and branches)
+        final_acc = 0.55 + 0.4 * min(1.0, capacity) ** 0.5
+        rates, accs, left = [], [], 1.0
+        for depth, strength in quality:
+            take = left * 0.6 * depth * (0.3 + 0.7 * strength)
+            rates.append(take); left -= take
+            accs.append(final_acc * (0.55 + 0.3 * depth + 0.15 * strength))
+        rates.append(left); accs.append(final_acc)
+        macs = avg_macs(rates, cum)
+        return {"val_acc": float(np.dot(rates, accs)), "avg_macs": macs,
+                "feasible": self.target is None or macs <= self.target,
+                "cum_macs": cum.tolist(), "exit_rates": rates}
+
+
+@pytest.fixture(scope="module")
+def space(backbones, make_space):
+    return make_space(backbones["mobilenetv3_small"], "aebnas")
+
+
+def run(space, evaluator, archive, **kw):
+    kw = dict(pop_size=12, n_generations=6, seed=0, reference_macs=evaluator.reference,
+              target=evaluator.target) | kw
+    return search(space, evaluator, archive, **kw)
+
+
+def test_nsga2_improves_hypervolume_and_caches(space, tmp_path):
+    ev = SyntheticEvaluator(space)
+    archive = Archive(tmp_path / "archive.json")
+    stats = []
+    front = run(space, ev, archive, n_generations=8, on_generation=lambda g, s: stats.append(s))
+    records = list(archive.records.values())
+    gen0 = [r for r in records if r["generation"] == 0]
+    assert len(gen0) == 12
+    hv0, hv = hypervolume(gen0, ev.reference), hypervolume(records, ev.reference)
+    assert 0 < hv0 < hv <= 1
+    assert [s["generation"] for s in stats] == list(range(8))
+    assert stats[-1]["hypervolume"] == pytest.approx(hv) and stats[0]["hypervolume"] == pytest.approx(hv0)
+    assert all(a["hypervolume"] <= b["hypervolume"] for a, b in zip(stats, stats[1:]))
+    # every candidate evaluated once, and each is a valid genome of the space
+    assert len(ev.calls) == len(set(ev.calls)) == len(archive) > 12
+    assert all(space.problems(space.decode(space.encode(_genome(r)))) == [] for r in records)
+    # the returned front is the non-dominated set of the archive, sorted by MACs
+    assert front == pareto_front(archive.evaluated(), ev.reference)
+    F = np.array([objectives(r, ev.reference) for r in front])
+    assert np.all(np.diff(F[:, 1]) >= 0) and np.all(np.diff(F[:, 0]) <= 0)
+
+
+def _genome(record):
+    from ee_nas.search.genome import Genome
+    return Genome.from_dict(record["genome"])
+
+
+def test_constraint_keeps_front_under_target(space, tmp_path):
+    probe = SyntheticEvaluator(space)
+    target = 0.5 * probe.reference
+    ev = SyntheticEvaluator(space, target=target)
+    archive = Archive(tmp_path / "archive.json")
+    front = run(space, ev, archive, seed=1)
+    assert front and all(r["avg_macs"] <= target and r["feasible"] for r in front)
+    best = choose(front)
+    assert best["feasible"] and best["avg_macs"] <= target
+    assert best["val_acc"] == max(r["val_acc"] for r in front)
+    over = [r for r in archive.evaluated() if r["avg_macs"] > target]
+    assert over and not any(r["feasible"] for r in over)
+    assert max(r["val_acc"] for r in over) > best["val_acc"]  # the constraint did cost accuracy
+    assert choose([]) is None
+
+
+def test_resume_replays_to_the_same_front(space, tmp_path):
+    path = tmp_path / "resumed.json"
+    first = SyntheticEvaluator(space)
+    run(space, first, Archive(path), n_generations=2, seed=5)
+    n_first = len(Archive(path))
+    assert len(first.calls) == n_first > 0
+
+    resumed_ev = SyntheticEvaluator(space)
+    resumed_archive = Archive(path)
+    resumed = run(space, resumed_ev, resumed_archive, n_generations=5, seed=5)
+
+    full_ev = SyntheticEvaluator(space)
+    full_archive = Archive(tmp_path / "full.json")
+    full = run(space, full_ev, full_archive, n_generations=5, seed=5)
+
+    assert [r["key"] for r in resumed] == [r["key"] for r in full]
+    assert [objectives(r, full_ev.reference) for r in resumed] == [objectives(r, full_ev.reference) for r in full]
+    assert set(resumed_archive.records) == set(full_archive.records)
+    # the resumed run paid only for the candidates the first run had not evaluated
+    assert not set(resumed_ev.calls) & set(first.calls)
+    assert len(resumed_ev.calls) == len(full_ev.calls) - n_first > 0
+
+
+def test_failed_candidate_is_recorded_and_search_finishes(space, tmp_path):
+    ev = SyntheticEvaluator(space, fail_tap=1)
+    archive = Archive(tmp_path / "archive.json")
+    stats = []
+    front = run(space, ev, archive, n_generations=4, on_generation=lambda g, s: stats.append(s))
+    failed = [r for r in archive.records.values() if r["status"] == "failed"]
+    assert failed and all("synthetic failure at tap 1" in r["error"] for r in failed)
+    assert all(1 in _genome(r).taps for r in failed)
+    assert front and all(r["status"] == "ok" and 1 not in _genome(r).taps for r in front)
+    assert stats[-1]["n_failed"] == len(failed)
+    reloaded = Archive(archive.path)  # failures are saved too, so a resumed search does not retry them
+    assert sum(r["status"] == "failed" for r in reloaded.records.values()) == len(failed)
+
+
+@pytest.mark.parametrize("name, distinct", [("aebnas", "most"), ("fixed", "one")])
+def test_random_search_budget(backbones, make_space, tmp_path, monkeypatch, name, distinct):
+    space = make_space(backbones["mobilenetv3_small"], name)
+    ev = SyntheticEvaluator(space)
+    candidates = []
+    decode = space.decode
+
+    def counting_decode(x):
+        genome = decode(x)
+        candidates.append(genome.key())
+        return genome
+
+    monkeypatch.setattr(space, "decode", counting_decode)
+    archive = Archive(tmp_path / "archive.json")
+    front = run(space, ev, archive, algorithm="random", pop_size=8, n_generations=3)
+    assert len(candidates) == 8 * 3
+    assert sorted(ev.calls) == sorted(set(candidates))  # each distinct candidate once, duplicates free
+    assert len(ev.calls) == (len(set(candidates)) if distinct == "most" else 1)
+    if distinct == "most":
+        assert len(ev.calls) > 20
+    assert front and front == pareto_front(archive.evaluated(), ev.reference)
+
+
+def test_search_rejects_bad_settings(space, tmp_path):
+    ev = SyntheticEvaluator(space)
+    with pytest.raises(ValueError, match="search.algorithm"):
+        run(space, ev, Archive(), algorithm="cmaes")
+    with pytest.raises(ValueError, match="pop_size"):
+        run(space, ev, Archive(), pop_size=1)
+
+
+# -- archive ---------------------------------------------------------------------------------------
+
+def test_archive_save_is_atomic_and_reloads(space, tmp_path, monkeypatch):
+    path = tmp_path / "run" / "archive.json"
+    archive = Archive(path)
+    rng = np.random.default_rng(0)
+    ev = SyntheticEvaluator(space)
+    for gen in range(3):
+        for _ in range(5):
+            evolution.evaluate_cached(space.sample(rng), ev, archive, gen)
+        archive.save()
+        assert sorted(p.name for p in path.parent.iterdir()) == ["archive.json"]  # no temp file left
+    reloaded = Archive(path)
+    assert reloaded.records == json.loads(json.dumps(archive.records))
+    assert list(reloaded.records) == list(archive.records)
+
+    # a crash in the middle of a save leaves the previous file intact and no temp file
+    before = path.read_text()
+    evolution.evaluate_cached(space.sample(rng), ev, archive, 3)
+    import ee_nas.utils
+
+    def crash(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(ee_nas.utils.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        archive.save()
+    monkeypatch.undo()
+    assert path.read_text() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["archive.json"]
+
+
+def test_hypervolume_by_hand():
+    ref = 100.0
+    rec = lambda acc, macs, ok=True, feasible=True: {"val_acc": acc, "avg_macs": macs,  # noqa: E731
+                                                     "status": "ok" if ok else "failed", "feasible": feasible}
+    # front points in (error, relative MACs): (0.2, 0.5) and (0.4, 0.2); dominated (0.5, 0.6)
+    records = [rec(0.8, 50), rec(0.6, 20), rec(0.5, 60), rec(0.99, 1, feasible=False), rec(0.99, 1, ok=False)]
+    # area dominated within the (1, 1) box: union of [0.2,1]x[0.5,1] and [0.4,1]x[0.2,1]
+    expected = 0.8 * 0.5 + 0.6 * 0.3
+    assert hypervolume(records, ref) == pytest.approx(expected)
+    assert [r["avg_macs"] for r in pareto_front(records, ref)] == [20, 50]
+    assert hypervolume([], ref) == 0.0
+    assert math.isclose(hypervolume([rec(1.0, 100)], ref), 0.0, abs_tol=1e-12)

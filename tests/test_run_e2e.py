@@ -1,0 +1,72 @@
+"""A short end-to-end run in tmp_path: summary.json, search artifacts, and the offline W&B run."""
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+FAST = ["trainer.max_epochs=1", "search.pop_size=4", "search.n_generations=2",
+        "evaluation.calibration_samples=128", "thresholds.sweep_points=4", "trainer.enable_progress_bar=false"]
+
+
+def run_pipeline(run_dir: Path, *overrides: str) -> dict:
+    from ee_nas.run import run
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[*FAST, *overrides], return_hydra_config=True)
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        HydraConfig.instance().set_config(cfg)
+        return run(cfg)
+
+
+@pytest.fixture(scope="module")
+def search_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    return run_dir, run_pipeline(run_dir)
+
+
+def test_summary_has_the_promised_keys(search_run):
+    run_dir, summary = search_run
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    for key in ("test_acc", "final_exit_test_acc", "avg_macs", "backbone_macs", "exit_rates", "exit_accs",
+                "thresholds", "dataset", "seed", "search_space", "n_evaluated", "hypervolume", "target_macs"):
+        assert key in on_disk, key
+    assert on_disk["dataset"] == "digits" and on_disk["search_space"] == "aebnas"
+    assert abs(sum(on_disk["exit_rates"]) - 1) < 1e-9
+    assert len(on_disk["exit_rates"]) == len(on_disk["thresholds"]) == on_disk["n_exits"]
+    # avg MACs follows the definition from the reported exit rates and cumulative MACs
+    assert on_disk["avg_macs"] == pytest.approx(sum(r * c for r, c in zip(on_disk["exit_rates"], on_disk["cum_macs"])))
+    assert on_disk["n_evaluated"] >= 4
+    assert summary["test_acc"] == on_disk["test_acc"]
+
+
+def test_search_artifacts_are_written(search_run):
+    run_dir, summary = search_run
+    for name in ("archive.json", "pareto_front.json", "pareto.png", "arch.yaml", "threshold_sweep.json",
+                 "threshold_sweep.png", "search_progress.csv", "subnet.pt"):
+        assert (run_dir / name).stat().st_size > 0, name
+    front = json.loads((run_dir / "pareto_front.json").read_text())
+    target = summary["target_macs"]
+    assert all(r["avg_macs"] <= target * (1 + 1e-9) for r in front["front"])
+    assert not list(run_dir.glob(".*.tmp")), "half-written artifacts left behind"
+
+
+def test_offline_wandb_run_holds_front_and_sweep(search_run):
+    run_dir, _ = search_run
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = {p.name for p in runs[0].rglob("*")}
+    assert any(n.startswith("pareto_front") and n.endswith(".table.json") for n in files), files
+    assert any(n.startswith("sweep") and n.endswith(".table.json") for n in files), files
+    summary = json.loads(next(runs[0].rglob("wandb-summary.json")).read_text())
+    assert "final/test_acc" in summary
+
+
+def test_fixed_arch_reuses_a_saved_genome(search_run, tmp_path):
+    run_dir, summary = search_run
+    again = run_pipeline(tmp_path, f"arch={run_dir / 'arch.yaml'}", "logger=csv")
+    assert again["genome"] == summary["genome"]
+    assert again["n_evaluated"] == 0
