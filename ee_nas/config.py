@@ -15,6 +15,19 @@ def _check(ok: bool, key: str, value, valid: str) -> None:
         raise ConfigError(f"config error: {key}={value!r} is invalid; {valid}")
 
 
+def apply_debug(cfg: DictConfig) -> DictConfig:
+    """Merge a debug preset (conf/debug/) over everything else, whatever experiment was chosen."""
+    debug = cfg.get("debug")
+    if not debug:
+        return cfg
+    from omegaconf import OmegaConf, open_dict
+
+    with open_dict(cfg):
+        merged = OmegaConf.merge(cfg, debug.get("overrides", {}))
+        del merged["debug"]
+    return merged
+
+
 def validate(cfg: DictConfig) -> None:
     s = cfg.search
     _check(s.algorithm in ("nsga2", "random"), "search.algorithm", s.algorithm, "valid: nsga2, random")

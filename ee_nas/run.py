@@ -28,8 +28,9 @@ def configure_wandb_env() -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from ee_nas.config import ConfigError, validate
+    from ee_nas.config import ConfigError, apply_debug, validate
 
+    cfg = apply_debug(cfg)
     try:
         validate(cfg)
     except ConfigError as err:  # a user error: one clear message, no traceback

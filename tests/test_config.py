@@ -91,4 +91,13 @@ def test_plain_groups_compose(group):
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiments_compose(name):
     cfg = compose_with(f"+experiment={name}")
+    assert cfg.name == name
     assert resolved(cfg, "data")["_target_"]
+
+
+def test_debug_smoke_wins_over_any_experiment():
+    from ee_nas.config import apply_debug
+
+    cfg = apply_debug(compose_with("+experiment=svhn_search", "debug=smoke"))
+    assert cfg.trainer.max_epochs == 1 and cfg.trainer.accelerator == "cpu"
+    assert cfg.search.pop_size == 4 and "debug" not in cfg

@@ -295,8 +295,9 @@ class LatencyTable:
                     z = logits.numpy()
                     return confidence(z, self.measure) >= 0.5, z.argmax(-1)
 
-                self.entries[fp] = {"name": f"decision_{self.measure}", "in_shape": [c],
-                                    "ms": float(self.timer(decide))}
+                with threads_set(self.threads):
+                    ms = float(self.timer(decide))
+                self.entries[fp] = {"name": f"decision_{self.measure}", "in_shape": [c], "ms": ms}
                 self.n_measured += 1
             self._decision_ms = float(self.entries[fp]["ms"])
         return self._decision_ms

@@ -1,0 +1,16 @@
+"""Deployment: dynamic early-exit runtime, TorchScript/ONNX export, and the runtime over exported files.
+
+`ExportedRuntime`/`export_net`/`export_run` are imported lazily (ONNX is optional).
+"""
+from ee_nas.inference.runtime import EarlyExitRuntime, ExitResult, LoadedRun, load_run, load_supernet
+
+__all__ = ["EarlyExitRuntime", "ExitResult", "LoadedRun", "load_run", "load_supernet",
+           "ExportedRuntime", "export_net", "export_run"]
+
+
+def __getattr__(name):
+    if name in ("ExportedRuntime", "export_net", "export_run"):
+        from ee_nas.inference import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'ee_nas.inference' has no attribute {name!r}")

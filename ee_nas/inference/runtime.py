@@ -250,10 +250,12 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     net.load_state_dict(saved["state_dict"])
     net.eval()
     data = OmegaConf.to_container(cfg.data, resolve=False)
-    try:
-        dm_cls = get_class(data["_target_"])
-    except Exception:  # noqa: BLE001 - a renamed class only loses its default normalization
-        dm_cls = None
+    dm_cls = None
+    if data.get("mean") is None or data.get("std") is None:  # the datamodule's defaults (imports lightning)
+        try:
+            dm_cls = get_class(data["_target_"])
+        except Exception:  # noqa: BLE001 - a renamed class only loses its default normalization
+            pass
     size = int(data["image_size"])
     return LoadedRun(
         run_dir=run_dir, cfg=cfg, genome=genome, net=net,

@@ -146,7 +146,7 @@ def generation_stats(archive: Archive, gen: int, reference_macs: float, target: 
     return {
         "generation": gen,
         "n_evaluated": len([r for r in archive.records.values() if r["generation"] <= gen]),
-        "n_failed": len([r for r in archive.records.values() if r["status"] != "ok"]),
+        "n_failed": len([r for r in archive.records.values() if r["status"] != "ok" and r["generation"] <= gen]),
         "hypervolume": hypervolume(upto, reference_macs),
         "best_acc_under_target": max((r["val_acc"] for r in feasible if r["generation"] <= gen), default=float("nan")),
         "front_size": len(pareto_front(upto, reference_macs)),

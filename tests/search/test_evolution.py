@@ -5,13 +5,19 @@ import math
 import numpy as np
 import pytest
 
+import ee_nas.utils
 from ee_nas.hardware.macs import avg_macs, cum_macs
 from ee_nas.search import evolution
 from ee_nas.search.archive import Archive, hypervolume, objectives, pareto_front
 from ee_nas.search.evolution import choose, search
+from ee_nas.search.genome import Genome
 
 OP_COST = {"conv3x3": 9.0, "dwsep3x3": 2.0, "mbconv3": 4.0, "mbconv6": 7.0, "avgpool": 0.2, "maxpool": 0.2}
 OP_SKILL = {"conv3x3": 1.0, "dwsep3x3": 0.7, "mbconv3": 0.8, "mbconv6": 1.0, "avgpool": 0.1, "maxpool": 0.15}
+
+
+def _genome(record):
+    return Genome.from_dict(record["genome"])
 
 
 class SyntheticEvaluator:
@@ -94,11 +100,6 @@ def test_nsga2_improves_hypervolume_and_caches(space, tmp_path):
     assert np.all(np.diff(F[:, 1]) >= 0) and np.all(np.diff(F[:, 0]) <= 0)
 
 
-def _genome(record):
-    from ee_nas.search.genome import Genome
-    return Genome.from_dict(record["genome"])
-
-
 def test_constraint_keeps_front_under_target(space, tmp_path):
     probe = SyntheticEvaluator(space)
     target = 0.5 * probe.reference
@@ -148,8 +149,16 @@ def test_failed_candidate_is_recorded_and_search_finishes(space, tmp_path):
     assert all(1 in _genome(r).taps for r in failed)
     assert front and all(r["status"] == "ok" and 1 not in _genome(r).taps for r in front)
     assert stats[-1]["n_failed"] == len(failed)
-    reloaded = Archive(archive.path)  # failures are saved too, so a resumed search does not retry them
-    assert sum(r["status"] == "failed" for r in reloaded.records.values()) == len(failed)
+    for s in stats:  # per-generation counts
+        assert s["n_failed"] == sum(r["generation"] <= s["generation"] for r in failed)
+        assert s["n_evaluated"] == sum(r["generation"] <= s["generation"] for r in archive.records.values())
+    assert len({s["n_failed"] for s in stats}) > 1
+    # failures are saved too: rerunning on the saved archive retries nothing and replays the same stats
+    rerun_ev, replayed = SyntheticEvaluator(space, fail_tap=1), []
+    rerun = run(space, rerun_ev, Archive(archive.path), n_generations=4,
+                on_generation=lambda g, s: replayed.append(s))
+    assert rerun_ev.calls == [] and rerun == front
+    assert replayed == stats
 
 
 @pytest.mark.parametrize("name, distinct", [("aebnas", "most"), ("fixed", "one")])
@@ -202,8 +211,6 @@ def test_archive_save_is_atomic_and_reloads(space, tmp_path, monkeypatch):
     # a crash in the middle of a save leaves the previous file intact and no temp file
     before = path.read_text()
     evolution.evaluate_cached(space.sample(rng), ev, archive, 3)
-    import ee_nas.utils
-
     def crash(*args):
         raise OSError("disk full")
     monkeypatch.setattr(ee_nas.utils.os, "replace", crash)

@@ -1,0 +1,212 @@
+"""Benchmark of the latency LUT and the dynamic early-exit runtime on this CPU (batch size 1).
+
+    python experiments/bench_latency.py --run-dir DIR      # a finished `python -m ee_nas.run` directory
+    python experiments/bench_latency.py                    # trains a quick digits run first
+
+1. builds the latency LUT of the run's supernet (timed);
+2. LUT-predicted vs measured batch-1 latency over random subnets: the full
+   multi-exit network run to its final exit by the dynamic runtime, and the
+   subnet's backbone alone; Spearman rank correlation (target >= 0.9) and mean
+   absolute percentage error (target <= 15%);
+3. the run's chosen subnet on the digits test set, one image at a time: mean
+   latency of the dynamic runtime / the static backbone (no exits), next to
+   avg_MACs / backbone_MACs (target: latency ratio <= 1.15 x MAC ratio).
+
+Writes experiments/results/bench_latency.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from ee_nas.hardware.latency import LatencyTable, cpu_model, time_call  # noqa: E402
+from ee_nas.hardware.macs import CostModel  # noqa: E402
+from ee_nas.inference.runtime import EarlyExitRuntime, load_run, load_supernet  # noqa: E402
+from ee_nas.utils import atomic_write_json, atomic_write_text  # noqa: E402
+
+RESULTS = ROOT / "experiments" / "results"
+QUICK_RUN = ["trainer.max_epochs=2", "search.pop_size=4", "search.n_generations=1", "logger=csv",
+             "trainer.enable_progress_bar=false"]
+
+
+def quick_run() -> Path:
+    run_dir = Path(tempfile.mkdtemp(prefix="bench_latency_run_"))
+    print(f"training a quick digits run in {run_dir} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "ee_nas.run", f"hydra.run.dir={run_dir}", *QUICK_RUN], cwd=ROOT,
+                   check=True, stdout=subprocess.DEVNULL)
+    return run_dir
+
+
+def backbone_only(net) -> nn.Module:
+    """The static network without early exits: every segment, then the final classifier."""
+    return nn.Sequential(*net.segments, net.heads[-1]).eval()
+
+
+def spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def mape(pred, meas) -> float:
+    pred, meas = np.asarray(pred), np.asarray(meas)
+    return float(np.mean(np.abs(pred - meas) / meas) * 100)
+
+
+def bench_lut(supernet, table: LatencyTable, n_subnets: int, rounds: int, seed: int) -> dict:
+    """Predicted vs measured latency of random subnets; rounds interleave the subnets so load drifts hit all."""
+    rng = np.random.default_rng(seed)
+    genomes = [supernet.space.sample(rng) for _ in range(n_subnets)]
+    x = torch.randn(1, *table._in_shape)
+    runtimes, statics = [], []
+    for g in genomes:
+        net = supernet.extract(g).eval()
+        runtimes.append(EarlyExitRuntime(net, [None] * (g.n_exits - 1)))  # every sample to the final exit
+        statics.append(backbone_only(net))
+    full = [[] for _ in genomes]
+    bb = [[] for _ in genomes]
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for i in range(len(genomes)):
+                full[i].append(time_call(lambda: runtimes[i].classify(x), repeats=5, warmup=2))
+                bb[i].append(time_call(lambda: statics[i](x), repeats=5, warmup=2))
+    rows = []
+    for g, f, b in zip(genomes, full, bb):
+        rows.append({"n_exits": g.n_exits, "depths": list(g.depths),
+                     "pred_full_ms": float(table.predict(g)[-1]), "meas_full_ms": statistics.median(f),
+                     "pred_backbone_ms": table.backbone_latency(g), "meas_backbone_ms": statistics.median(b)})
+    pf, mf = [r["pred_full_ms"] for r in rows], [r["meas_full_ms"] for r in rows]
+    pb, mb = [r["pred_backbone_ms"] for r in rows], [r["meas_backbone_ms"] for r in rows]
+    return {"subnets": rows,
+            "full": {"spearman": spearman(pf, mf), "mape_pct": mape(pf, mf)},
+            "backbone": {"spearman": spearman(pb, mb), "mape_pct": mape(pb, mb)}}
+
+
+def bench_dynamic(run, table: LatencyTable, repeats: int) -> dict:
+    """Per test image: median of `repeats` timings of the dynamic runtime and of the static backbone."""
+    from hydra.utils import instantiate
+
+    dm = instantiate(run.cfg.data)
+    dm.setup()
+    x_test, y_test = dm.split_tensors("test")
+    rt = EarlyExitRuntime(run.net, run.thresholds, run.measure)
+    static = backbone_only(run.net)
+    dyn, stat = [], []
+    with torch.inference_mode():
+        for i in range(len(x_test)):
+            x = x_test[i:i + 1]
+            for _ in range(2):  # warm-up
+                rt.classify(x), static(x).argmax(-1)
+            d, s = [], []
+            for _ in range(repeats):  # interleaved, so both see the same machine load
+                t0 = time.perf_counter_ns(); rt.classify(x); d.append(time.perf_counter_ns() - t0)  # noqa: E702
+                t0 = time.perf_counter_ns(); static(x).argmax(-1); s.append(time.perf_counter_ns() - t0)  # noqa: E702
+            dyn.append(statistics.median(d) / 1e6)
+            stat.append(statistics.median(s) / 1e6)
+        result = rt.classify(x_test)
+    rates = np.bincount(result.exits, minlength=rt.n_exits) / len(x_test)
+    cm = CostModel(table.supernet).costs(run.genome)
+    avg_macs = float(rates @ cm.cum_macs)
+    lat_ratio = float(np.mean(dyn) / np.mean(stat))
+    mac_ratio = avg_macs / cm.backbone_macs
+    return {
+        "n_test": len(x_test), "test_acc": float((result.labels == y_test.numpy()).mean()),
+        "exit_rates": rates.tolist(), "thresholds": [None if not np.isfinite(t) else float(t) for t in rt.thresholds],
+        "dynamic_ms": float(np.mean(dyn)), "static_ms": float(np.mean(stat)),
+        "pred_dynamic_ms": table.avg_latency(run.genome, rates), "pred_static_ms": table.backbone_latency(run.genome),
+        "latency_ratio": lat_ratio, "avg_macs": avg_macs, "backbone_macs": int(cm.backbone_macs),
+        "mac_ratio": mac_ratio, "latency_over_mac_ratio": lat_ratio / mac_ratio,
+    }
+
+
+def markdown(r: dict) -> str:
+    lut, dyn = r["lut"], r["dynamic"]
+    t = r["targets"]
+    ok = lambda b: "yes" if b else "**no**"  # noqa: E731
+    lines = [
+        "# Latency LUT and dynamic early-exit runtime (batch size 1, CPU)", "",
+        f"Machine: {r['machine']['cpu']} ({r['machine']['machine']}), torch {r['machine']['torch']}, "
+        f"{r['threads']} thread(s). Run: `{r['run_dir']}`. Generated by `experiments/bench_latency.py`.", "",
+        f"LUT: {r['lut_entries']} components measured in {r['lut_build_s']:.1f} s.", "",
+        f"## LUT-predicted vs measured latency, {len(lut['subnets'])} random subnets", "",
+        "| network | Spearman | target | MAPE % | target |", "|---|---|---|---|---|",
+        f"| full multi-exit net, final exit (dynamic runtime) | {lut['full']['spearman']:.3f} | >= 0.9 "
+        f"{ok(t['spearman_ok'])} | {lut['full']['mape_pct']:.1f} | <= 15 {ok(t['mape_ok'])} |",
+        f"| backbone alone (static) | {lut['backbone']['spearman']:.3f} | | {lut['backbone']['mape_pct']:.1f} | |", "",
+        "| # | exits | predicted full ms | measured full ms | predicted backbone ms | measured backbone ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, s in enumerate(lut["subnets"]):
+        lines.append(f"| {i} | {s['n_exits']} | {s['pred_full_ms']:.3f} | {s['meas_full_ms']:.3f} | "
+                     f"{s['pred_backbone_ms']:.3f} | {s['meas_backbone_ms']:.3f} |")
+    lines += [
+        "", f"## Dynamic runtime vs static backbone, digits test set ({dyn['n_test']} images, one at a time)", "",
+        "| | value |", "|---|---|",
+        f"| test accuracy (dynamic) | {dyn['test_acc']:.4f} |",
+        f"| exit rates | {', '.join(f'{v:.3f}' for v in dyn['exit_rates'])} |",
+        f"| mean latency dynamic / static (ms) | {dyn['dynamic_ms']:.3f} / {dyn['static_ms']:.3f} |",
+        f"| LUT-predicted dynamic / static (ms) | {dyn['pred_dynamic_ms']:.3f} / {dyn['pred_static_ms']:.3f} |",
+        f"| latency ratio | {dyn['latency_ratio']:.3f} |",
+        f"| avg_MACs / backbone_MACs | {dyn['mac_ratio']:.3f} |",
+        f"| latency ratio / MAC ratio (target <= 1.15) | {dyn['latency_over_mac_ratio']:.3f} {ok(t['ratio_ok'])} |",
+        "", f"Peak RSS: {r['peak_rss_mb']:.0f} MB (this process; a training subprocess not included).",
+        f"Wall time: {r['wall_s']:.0f} s.", "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run-dir", type=Path, help="finished run directory (default: train a quick one)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--n-subnets", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per random subnet")
+    ap.add_argument("--repeats", type=int, default=5, help="timings per test image")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    start = time.perf_counter()
+    run_dir = args.run_dir or quick_run()
+    torch.set_num_threads(args.threads)
+    supernet = load_supernet(run_dir).eval()
+    table = LatencyTable(supernet, threads=args.threads, path=run_dir / "latency_lut.json")
+    t0 = time.perf_counter()
+    table.measure_all()
+    build_s = time.perf_counter() - t0
+    print(f"LUT: {len(table.entries)} components ({table.n_measured} measured now) in {build_s:.1f} s", flush=True)
+    lut = bench_lut(supernet, table, args.n_subnets, args.rounds, args.seed)
+    print(f"full net: Spearman {lut['full']['spearman']:.3f}, MAPE {lut['full']['mape_pct']:.1f}%; "
+          f"backbone: Spearman {lut['backbone']['spearman']:.3f}, MAPE {lut['backbone']['mape_pct']:.1f}%", flush=True)
+    dyn = bench_dynamic(load_run(run_dir), table, args.repeats)
+    result = {
+        "run_dir": str(run_dir), "threads": args.threads, "machine": table.key, "platform": platform.platform(),
+        "lut_entries": len(table.entries), "lut_build_s": build_s, "lut": lut, "dynamic": dyn,
+        "targets": {"spearman_ok": lut["full"]["spearman"] >= 0.9, "mape_ok": lut["full"]["mape_pct"] <= 15,
+                    "ratio_ok": dyn["latency_over_mac_ratio"] <= 1.15},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "wall_s": time.perf_counter() - start,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "bench_latency.json", result)
+    md = markdown(result)
+    atomic_write_text(args.out / "bench_latency.md", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    if cpu_model() == "unknown":
+        print("warning: CPU model unknown; the LUT key falls back to the architecture", file=sys.stderr)
+    main()

@@ -1,0 +1,149 @@
+"""Latency LUT: accumulation exactly like cum_MACs, caching per machine, thread handling, mismatches."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ee_nas.hardware.latency import (LatencyTable, LatencyTableMismatch, avg_latency, machine_hash, machine_key,
+                                     time_call)
+from ee_nas.hardware.macs import CostModel, module_macs
+from ee_nas.hardware.profile import HardwareProfile
+from ee_nas.models.multi_exit import MultiExitSupernet
+from ee_nas.search.genome import BranchLayer, ExitBranch, Genome
+
+
+@pytest.fixture(scope="module")
+def supernet(make_backbone, make_space):
+    torch.manual_seed(0)
+    backbone = make_backbone("mobilenetv3_small", image_size=16, in_channels=1)
+    return MultiExitSupernet(backbone, make_space(backbone, "aebnas")).eval()
+
+
+@pytest.fixture(scope="module")
+def small_supernet(make_backbone, make_space):
+    """A smaller space (2 taps, 2 ops, 1 width) for real timing."""
+    torch.manual_seed(0)
+    backbone = make_backbone("mobilenetv3_small", image_size=16, in_channels=1, expand_choices=[2, 4],
+                             kernel_choices=[3])
+    space = make_space(backbone, "aebnas", exit_taps=[0, 3], max_exits=2,
+                       branch={"ops": ["dwsep3x3", "avgpool"], "widths": [16], "min_layers": 0, "max_layers": 1})
+    return MultiExitSupernet(backbone, space).eval()
+
+
+class MacsTable(LatencyTable):
+    """'Latency' = ptflops MACs of the component, decisions free: must reproduce CostModel exactly."""
+
+    def _time(self, name, module, in_shape):
+        return float(module_macs(module, in_shape)[0])
+
+    @property
+    def decision_ms(self):
+        return 0.0
+
+
+def genomes(supernet, n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    out = [supernet.space.largest(), supernet.space.smallest(), supernet.space.largest_backbone()]
+    return out + [supernet.space.sample(rng) for _ in range(n)]
+
+
+def test_predict_accumulates_exactly_like_cum_macs(supernet):
+    table, costs = MacsTable(supernet), CostModel(supernet)
+    for g in genomes(supernet):
+        c = costs.costs(g)
+        np.testing.assert_allclose(table.predict(g), c.cum_macs, rtol=1e-12)
+        assert table.backbone_latency(g) == pytest.approx(c.backbone_macs)
+        rates = np.full(g.n_exits, 1.0 / g.n_exits)
+        assert table.avg_latency(g, rates) == pytest.approx(c.avg_macs(rates))
+
+
+def test_unit_latencies_count_components_and_decisions(supernet):
+    table = LatencyTable(supernet, timer=lambda fn: 1.0)  # every component, and every decision, 1 ms
+    g = Genome(depths=(1, 2, 3, 2), expands=(2.0,) * 8, kernels=(3,) * 8,
+               exits=[ExitBranch(0, (BranchLayer("conv3x3", 16), BranchLayer("maxpool"))), ExitBranch(4, ())])
+    # exit 1: stem + block 0 | branch: 2 layers + classifier + decision
+    # exit 2: blocks 1..4   | branch: classifier + decision;  final: blocks 5..7 | head + decision
+    np.testing.assert_allclose(table.predict(g), [2 + 4, 6 + 4 + 2, 12 + 3 + 2])
+    assert table.backbone_latency(g) == 1 + 8 + 1
+
+
+def test_avg_latency_checks_rates():
+    assert avg_latency([0.5, 0.5], [1.0, 3.0]) == 2.0
+    with pytest.raises(ValueError, match="sum to 1"):
+        avg_latency([0.5, 0.2], [1.0, 3.0])
+
+
+def test_time_call_is_a_positive_median():
+    ms = time_call(lambda: sum(range(1000)), repeats=5, warmup=1)
+    assert 0 < ms < 100
+
+
+def test_measured_table_is_cached_per_machine_and_restores_threads(small_supernet, tmp_path):
+    path = tmp_path / "lut.json"
+    seen = []
+
+    def timer(fn):
+        seen.append(torch.get_num_threads())
+        return time_call(fn, repeats=3, warmup=1, sample_s=1e-4)
+
+    before = torch.get_num_threads()
+    table = LatencyTable(small_supernet, threads=2, path=path, timer=timer)
+    n = table.measure_all()
+    assert n == len(table.entries) > 10 and path.is_file()
+    assert set(seen) == {2} and torch.get_num_threads() == before
+    data = json.loads(path.read_text())
+    assert data["machine"] == machine_key(2) and all(e["ms"] > 0 for e in data["entries"].values())
+    rng = np.random.default_rng(1)
+    for g in [small_supernet.space.largest()] + [small_supernet.space.sample(rng) for _ in range(5)]:
+        cum = table.predict(g)
+        assert cum.shape == (g.n_exits,) and np.all(np.diff(cum) > 0) and cum[0] > 0
+    again = LatencyTable(small_supernet, threads=2, path=path, timer=lambda fn: pytest.fail("re-measured"))
+    assert again.measure_all() == 0
+    np.testing.assert_array_equal(again.predict(small_supernet.space.largest()),
+                                  table.predict(small_supernet.space.largest()))
+
+
+def test_lut_from_another_machine_fails_clearly(small_supernet, tmp_path):
+    path = tmp_path / "lut.json"
+    LatencyTable(small_supernet, path=path, timer=lambda fn: 1.0).measure_all()
+    data = json.loads(path.read_text())
+    data["machine"]["cpu"] = "Cortex-A53"
+    path.write_text(json.dumps(data))
+    with pytest.raises(LatencyTableMismatch, match=r"another machine.*cpu: LUT 'Cortex-A53' vs here"):
+        LatencyTable(small_supernet, path=path)
+    profile = HardwareProfile(objective="latency", latency_lut=str(path), target_fraction=0.5)
+    with pytest.raises(LatencyTableMismatch, match="latency_lut=measure"):
+        LatencyTable.from_profile(small_supernet, profile)
+
+
+def test_lut_with_other_threads_does_not_load(small_supernet, tmp_path):
+    path = tmp_path / "lut.json"
+    LatencyTable(small_supernet, threads=1, path=path, timer=lambda fn: 1.0).measure_all()
+    profile = HardwareProfile(objective="latency", latency_lut=str(path), lut_threads=2, target_fraction=0.5)
+    with pytest.raises(LatencyTableMismatch, match="threads: LUT 1 vs here 2"):
+        LatencyTable.from_profile(small_supernet, profile)
+
+
+def test_from_profile(small_supernet, tmp_path):
+    assert LatencyTable.from_profile(small_supernet, HardwareProfile()) is None
+    measure = HardwareProfile(objective="latency", latency_lut="measure", lut_threads=1, target_fraction=0.5)
+    table = LatencyTable.from_profile(small_supernet, measure, cache_dir=tmp_path, timer=lambda fn: 1.0)
+    assert table.path == tmp_path / f"latency_lut_{machine_hash(machine_key(1))}.json" and table.threads == 1
+    missing = HardwareProfile(objective="latency", latency_lut=str(tmp_path / "nope.json"), target_fraction=0.5)
+    with pytest.raises(FileNotFoundError, match=r"hardware\.latency_lut=.*nope\.json.*measure"):
+        LatencyTable.from_profile(small_supernet, missing)
+
+
+def test_not_a_lut_file(small_supernet, tmp_path):
+    path = tmp_path / "lut.json"
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="not a LUT file"):
+        LatencyTable(small_supernet, path=path)
+
+
+def test_peak_memory_grows_with_the_subnet(supernet):
+    table = LatencyTable(supernet, timer=lambda fn: 1.0)
+    big, small = table.peak_memory_bytes(supernet.space.largest()), table.peak_memory_bytes(supernet.space.smallest())
+    image = 1 * 16 * 16 * 4
+    assert big >= small > image

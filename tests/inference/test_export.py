@@ -1,0 +1,153 @@
+"""TorchScript and ONNX export of every segment and head: same outputs (1e-5) and same exits as eager."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+from PIL import Image
+from torch import nn
+
+from ee_nas.infer import main as infer_main
+from ee_nas.inference.export import ExportedRuntime, export_net, export_run
+from ee_nas.inference.runtime import EarlyExitRuntime
+from ee_nas.models.multi_exit import MultiExitSupernet
+from ee_nas.search.genome import BranchLayer, ExitBranch, Genome
+from ee_nas.thresholds.confidence import confidence
+
+GENOME = Genome(depths=(1, 1, 2, 2), expands=(2.0, 4.0, 4.0, 2.0, 3.0, 4.0, 2.0, 3.0), kernels=(5, 3) * 4,
+                exits=[ExitBranch(0, (BranchLayer("mbconv6", 16), BranchLayer("maxpool"))),
+                       ExitBranch(3, (BranchLayer("dwsep3x3", 32),))])
+
+
+@pytest.fixture(scope="module")
+def net(make_backbone, make_space):
+    torch.manual_seed(0)
+    backbone = make_backbone("mobilenetv3_small", image_size=16, in_channels=1)
+    net = MultiExitSupernet(backbone, make_space(backbone, "aebnas")).extract(GENOME)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(4.0)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(40, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def thresholds(net, images):
+    with torch.no_grad():
+        conf = confidence(torch.stack(net(images), 1))
+    return np.array([np.median(conf[:, 0]), np.median(conf[:, 1]), 0.0])
+
+
+@pytest.fixture(scope="module")
+def exported(net, thresholds, tmp_path_factory):
+    return export_net(net, tmp_path_factory.mktemp("export"), (1, 16, 16), thresholds, "max_softmax")
+
+
+def test_export_layout_and_thresholds_json(exported, thresholds):
+    meta = json.loads((exported / "thresholds.json").read_text())
+    assert meta["n_exits"] == 3 and meta["measure"] == "max_softmax" and meta["input_shape"] == [1, 16, 16]
+    assert meta["thresholds"] == pytest.approx([float(thresholds[0]), float(thresholds[1]), 0.0])
+    for k in range(3):
+        for suffix in (".pt", ".onnx"):
+            assert (exported / f"segment_{k}{suffix}").is_file() and (exported / f"head_{k}{suffix}").is_file()
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "onnx"])
+def test_segments_and_heads_match_eager(net, exported, images, backend):
+    rt = ExportedRuntime(exported, backend)
+    for n in (1, 7):  # dynamic batch size
+        x = images[:n]
+        ex = x.numpy() if backend == "onnx" else x
+        with torch.no_grad():
+            for k, (segment, head) in enumerate(zip(net.segments, net.heads)):
+                x, ex = segment(x), rt._segment(k, ex)
+                np.testing.assert_allclose(np.asarray(ex), x.numpy(), atol=1e-5)
+                np.testing.assert_allclose(rt._head(k, ex), head(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "onnx"])
+def test_exported_runtime_exits_like_eager(net, exported, images, thresholds, backend):
+    eager = EarlyExitRuntime(net, thresholds).classify(images)
+    assert len(np.unique(eager.exits)) == 3
+    rt = ExportedRuntime(exported, backend, threads=1)
+    ours = rt.classify(images)
+    np.testing.assert_array_equal(ours.exits, eager.exits)
+    np.testing.assert_array_equal(ours.labels, eager.labels)
+    np.testing.assert_allclose(ours.logits, eager.logits, atol=1e-5)
+    one = rt.classify(images[5])
+    assert (one.exits[0], one.labels[0]) == (eager.exits[5], eager.labels[5])
+
+
+def test_bad_backend_and_directory(exported, tmp_path, net):
+    with pytest.raises(ValueError, match="backend='tflite'"):
+        ExportedRuntime(exported, "tflite")
+    with pytest.raises(FileNotFoundError, match="not an ee_nas export directory"):
+        ExportedRuntime(tmp_path)
+    only_ts = export_net(net, tmp_path / "ts", (1, 16, 16), [0.5, 0.5], "max_softmax", backends=["torchscript"])
+    with pytest.raises(ValueError, match="no onnx export"):
+        ExportedRuntime(only_ts, "onnx")
+
+
+@pytest.fixture(scope="module")
+def run_dir(net, thresholds, tmp_path_factory, conf_dir):
+    """A run directory as `ee_nas.run` leaves it (.hydra/config.yaml, arch.yaml, subnet.pt), no training."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = OmegaConf.create({
+        "data": {"_target_": "ee_nas.data.digits.DigitsDataModule", "image_size": 16, "mean": [0.3], "std": [0.3]},
+        "backbone": OmegaConf.load(conf_dir / "backbone" / "mobilenetv3_small.yaml"),
+        "search_space": OmegaConf.load(conf_dir / "search_space" / "aebnas.yaml"),
+    })
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    (run_dir / "arch.yaml").write_text(yaml.safe_dump(GENOME.to_dict()))
+    torch.save({"genome": GENOME.to_dict(), "state_dict": net.state_dict(), "thresholds": thresholds,
+                "measure": "max_softmax"}, run_dir / "subnet.pt")
+    return run_dir
+
+
+def test_export_run_writes_into_the_run_dir(run_dir, images):
+    out = export_run(run_dir, backends=["onnx"])
+    assert out == run_dir / "export"
+    meta = json.loads((out / "thresholds.json").read_text())
+    assert meta["genome"] == GENOME.to_dict() and meta["mean"] == [0.3]
+    eager = EarlyExitRuntime.from_run_dir(run_dir).classify(images)
+    np.testing.assert_array_equal(ExportedRuntime(out, "onnx").classify(images).exits, eager.exits)
+
+
+def test_infer_cli_prints_class_exit_and_confidence(run_dir, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (8 + i, 8), dtype=np.uint8)).save(folder / f"img{i}.png")
+    Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / "rgb.jpg")
+    outputs = {}
+    for backend in ("eager", "torchscript", "onnx"):
+        code = infer_main([f"run_dir={run_dir}", f"input={folder}", f"backend={backend}",
+                           f"export_dir={tmp_path / 'exp'}"])
+        outputs[backend] = capsys.readouterr().out.strip().splitlines()
+        assert code == 0 and len(outputs[backend]) == 7
+    assert outputs["eager"] == outputs["torchscript"] == outputs["onnx"]
+    assert all(" class " in line and " exit " in line and " confidence " in line for line in outputs["eager"])
+    assert infer_main([f"run_dir={run_dir}", f"input={folder / 'img0.png'}"]) == 0
+    assert capsys.readouterr().out.startswith(str(folder / "img0.png"))
+
+
+@pytest.mark.parametrize("args, match", [
+    (["input=x.png"], "missing run_dir"),
+    (["run_dir=r", "input=x", "backend=tflite"], "backend='tflite'"),
+    (["run_dir=r", "input=x", "colour=1"], "key one of run_dir"),
+])
+def test_infer_cli_usage_errors(args, match, capsys):
+    assert infer_main(args) == 2
+    assert match in capsys.readouterr().err

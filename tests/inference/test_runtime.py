@@ -1,0 +1,155 @@
+"""Dynamic early-exit runtime: the same decisions as exit_indices(confidence(logits)), batch or one by one."""
+import numpy as np
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+from torch import nn
+
+from ee_nas.inference.runtime import EarlyExitRuntime, load_run, normalize_thresholds
+from ee_nas.models.multi_exit import MultiExitSupernet
+from ee_nas.search.genome import BranchLayer, ExitBranch, Genome
+from ee_nas.thresholds.confidence import confidence
+from ee_nas.thresholds.tuner import exit_indices
+
+GENOME = Genome(depths=(1, 2, 3, 2), expands=(2.0, 3.0, 4.0, 2.0, 3.0, 4.0, 2.0, 3.0), kernels=(3, 5) * 4,
+                exits=[ExitBranch(0, (BranchLayer("dwsep3x3", 16),)), ExitBranch(2, (BranchLayer("avgpool"),)),
+                       ExitBranch(4, (BranchLayer("mbconv3", 32), BranchLayer("conv3x3", 16)))])
+
+
+def spread_out(net: nn.Module, seed: int = 0) -> nn.Module:
+    """BN statistics and biases that make logits (and so confidences) vary across samples and exits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(4.0)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def net(make_backbone, make_space):
+    torch.manual_seed(0)
+    backbone = make_backbone("mobilenetv3_small", image_size=16, in_channels=1)
+    return spread_out(MultiExitSupernet(backbone, make_space(backbone, "aebnas")).extract(GENOME))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(96, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def all_logits(net, x):
+    with torch.no_grad():
+        return torch.stack(net(x), 1).numpy()
+
+
+def midpoint_thresholds(conf, quantiles=(0.3, 0.5, 0.6)):
+    """Per early exit a threshold between two observed confidences (no ties at the boundary)."""
+    t = []
+    for k, q in enumerate(quantiles):
+        u = np.unique(conf[:, k])
+        i = int(q * (len(u) - 1))
+        t.append((u[i] + u[i + 1]) / 2)
+    return np.array(t + [0.0])
+
+
+@pytest.mark.parametrize("measure", ["max_softmax", "entropy", "margin"])
+def test_batch_decisions_equal_exit_indices(net, images, measure):
+    logits = all_logits(net, images)
+    conf = confidence(logits, measure)
+    t = midpoint_thresholds(conf)
+    expected = exit_indices(conf, t)
+    assert len(np.unique(expected)) == 4, "the test thresholds should use every exit"
+    rt = EarlyExitRuntime(net, t, measure)
+    result = rt.classify(images)
+    np.testing.assert_array_equal(result.exits, expected)
+    answered = logits[np.arange(len(images)), expected]
+    np.testing.assert_array_equal(result.labels, answered.argmax(-1))
+    np.testing.assert_allclose(result.logits, answered, atol=1e-5)
+    np.testing.assert_allclose(result.confidence, conf[np.arange(len(images)), expected], atol=1e-6)
+    labels, exits = rt.predict(images)
+    np.testing.assert_array_equal(exits, expected)
+    np.testing.assert_array_equal(labels, result.labels)
+
+
+def test_batch_size_one_matches_the_batch(net, images):
+    t = midpoint_thresholds(confidence(all_logits(net, images)))
+    rt = EarlyExitRuntime(net, t)
+    batch = rt.classify(images[:32])
+    for i in range(32):
+        one = rt.classify(images[i])  # a single [C, H, W] image
+        assert (one.exits[0], one.labels[0]) == (batch.exits[i], batch.labels[i])
+
+
+def test_samples_that_left_skip_later_segments(net, images):
+    t = midpoint_thresholds(confidence(all_logits(net, images)))
+    seen = []
+    hooks = [seg.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0])) for seg in net.segments]
+    try:
+        exits = EarlyExitRuntime(net, t).classify(images).exits
+    finally:
+        for h in hooks:
+            h.remove()
+    still_running = [len(images)] + [int((exits >= k).sum()) for k in range(1, 4)]
+    assert seen == still_running
+
+
+def test_last_exit_always_accepts_and_disabled_exits(net, images):
+    never = EarlyExitRuntime(net, [None, float("inf"), np.nan]).classify(images)
+    assert (never.exits == 3).all()
+    assert (never.labels == all_logits(net, images)[:, -1].argmax(-1)).all()
+    always = EarlyExitRuntime(net, [0.0, 0.0, 0.0, 1.0]).classify(images)  # the final threshold is ignored
+    assert (always.exits == 0).all()
+
+
+def test_threshold_count_is_checked(net):
+    with pytest.raises(ValueError, match="2 thresholds for a network with 4 exits"):
+        EarlyExitRuntime(net, [0.5, 0.5])
+    with pytest.raises(ValueError, match="unknown confidence measure"):
+        EarlyExitRuntime(net, [0.5] * 3, measure="bogus")
+    np.testing.assert_array_equal(normalize_thresholds(np.array([0.2, np.inf, 0.3, 0.9]), 4), [0.2, np.inf, 0.3, 0])
+
+
+def write_run(run_dir, net, genome, thresholds, conf_dir, image_size=16):
+    """A run directory as `ee_nas.run` leaves it: .hydra/config.yaml, arch.yaml, subnet.pt."""
+    cfg = OmegaConf.create({
+        "seed": 0,
+        "data": {"_target_": "ee_nas.data.digits.DigitsDataModule", "image_size": image_size, "split_seed": "${seed}",
+                 "mean": [0.5], "std": [0.25]},
+        "backbone": OmegaConf.load(conf_dir / "backbone" / "mobilenetv3_small.yaml"),
+        "search_space": OmegaConf.load(conf_dir / "search_space" / "aebnas.yaml"),
+    })
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    (run_dir / "arch.yaml").write_text(yaml.safe_dump(genome.to_dict()))
+    torch.save({"genome": genome.to_dict(), "state_dict": net.state_dict(), "thresholds": np.asarray(thresholds),
+                "measure": "max_softmax"}, run_dir / "subnet.pt")
+    return run_dir
+
+
+def test_from_run_dir_rebuilds_the_saved_subnet(net, images, tmp_path, conf_dir):
+    t = midpoint_thresholds(confidence(all_logits(net, images)))
+    t[1] = np.inf
+    run_dir = write_run(tmp_path / "run", net, GENOME, t, conf_dir)
+    rt = EarlyExitRuntime.from_run_dir(run_dir)
+    assert rt.run.genome == GENOME and rt.run.input_shape == (1, 16, 16) and rt.run.num_classes == 10
+    assert rt.run.mean == (0.5,) and rt.run.std == (0.25,) and rt.measure == "max_softmax"
+    np.testing.assert_array_equal(rt.thresholds, t)
+    ours, theirs = rt.classify(images), EarlyExitRuntime(net, t).classify(images)
+    np.testing.assert_array_equal(ours.exits, theirs.exits)
+    np.testing.assert_allclose(ours.logits, theirs.logits, atol=1e-6)
+    assert 1 not in ours.exits
+
+
+def test_from_run_dir_errors(tmp_path, net, conf_dir):
+    with pytest.raises(FileNotFoundError, match="config.yaml is missing"):
+        load_run(tmp_path)
+    run_dir = write_run(tmp_path / "run", net, GENOME, [0.5] * 4, conf_dir)
+    other = Genome(GENOME.depths, GENOME.expands, GENOME.kernels, GENOME.exits[:1])
+    (run_dir / "arch.yaml").write_text(yaml.safe_dump(other.to_dict()))
+    with pytest.raises(ValueError, match="different genomes"):
+        load_run(run_dir)
