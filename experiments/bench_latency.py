@@ -17,6 +17,7 @@ Writes experiments/results/bench_latency.json and .md.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import resource
 import statistics
@@ -32,21 +33,25 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from ee_nas.hardware.latency import LatencyTable, cpu_model, time_call  # noqa: E402
+from ee_nas.hardware.latency import CLOCKS, LatencyTable, cpu_model, time_call  # noqa: E402
 from ee_nas.hardware.macs import CostModel  # noqa: E402
 from ee_nas.inference.runtime import EarlyExitRuntime, load_run, load_supernet  # noqa: E402
+from ee_nas.search.genome import Genome  # noqa: E402
 from ee_nas.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
-QUICK_RUN = ["trainer.max_epochs=2", "search.pop_size=4", "search.n_generations=1", "logger=csv",
+# enough epochs for confident early exits (2 epochs leave nearly every sample to the final exit)
+QUICK_RUN = ["trainer.max_epochs=15", "search.pop_size=8", "search.n_generations=2", "logger=csv",
              "trainer.enable_progress_bar=false"]
 
 
 def quick_run() -> Path:
     run_dir = Path(tempfile.mkdtemp(prefix="bench_latency_run_"))
-    print(f"training a quick digits run in {run_dir} ...", flush=True)
+    print(f"training a quick digits run in {run_dir} (minutes) ...", flush=True)
+    # one thread unless the user says otherwise: on 2 shared cores two threads mostly wait on each other
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     subprocess.run([sys.executable, "-m", "ee_nas.run", f"hydra.run.dir={run_dir}", *QUICK_RUN], cwd=ROOT,
-                   check=True, stdout=subprocess.DEVNULL)
+                   check=True, stdout=subprocess.DEVNULL, env=env)
     return run_dir
 
 
@@ -67,36 +72,47 @@ def mape(pred, meas) -> float:
 
 
 def bench_lut(supernet, table: LatencyTable, n_subnets: int, rounds: int, seed: int) -> dict:
-    """Predicted vs measured latency of random subnets; rounds interleave the subnets so load drifts hit all."""
+    """Predicted vs measured latency of random subnets (not those the calibration saw: another seed).
+
+    Both run through the dynamic runtime, timed on the table's clock: the subnet to its final exit,
+    and its backbone alone (no early exits). Rounds interleave the subnets so that load drifts hit all.
+    """
     rng = np.random.default_rng(seed)
     genomes = [supernet.space.sample(rng) for _ in range(n_subnets)]
     x = torch.randn(1, *table._in_shape)
-    runtimes, statics = [], []
+    full_rt, bb_rt = [], []
     for g in genomes:
-        net = supernet.extract(g).eval()
-        runtimes.append(EarlyExitRuntime(net, [None] * (g.n_exits - 1)))  # every sample to the final exit
-        statics.append(backbone_only(net))
-    full = [[] for _ in genomes]
-    bb = [[] for _ in genomes]
+        full_rt.append(EarlyExitRuntime(supernet.extract(g).eval(), [None] * (g.n_exits - 1)))
+        bb_rt.append(EarlyExitRuntime(supernet.extract(Genome(g.depths, g.expands, g.kernels)).eval(), []))
+    times = {name: [[] for _ in genomes] for name in ("full", "backbone", "full_wall")}
     with torch.inference_mode():
         for _ in range(rounds):
             for i in range(len(genomes)):
-                full[i].append(time_call(lambda: runtimes[i].classify(x), repeats=5, warmup=2))
-                bb[i].append(time_call(lambda: statics[i](x), repeats=5, warmup=2))
-    rows = []
-    for g, f, b in zip(genomes, full, bb):
-        rows.append({"n_exits": g.n_exits, "depths": list(g.depths),
-                     "pred_full_ms": float(table.predict(g)[-1]), "meas_full_ms": statistics.median(f),
-                     "pred_backbone_ms": table.backbone_latency(g), "meas_backbone_ms": statistics.median(b)})
-    pf, mf = [r["pred_full_ms"] for r in rows], [r["meas_full_ms"] for r in rows]
-    pb, mb = [r["pred_backbone_ms"] for r in rows], [r["meas_backbone_ms"] for r in rows]
+                times["full"][i].append(time_call(lambda: full_rt[i].classify(x), 5, 2, clock=table.clock))
+                times["backbone"][i].append(time_call(lambda: bb_rt[i].classify(x), 5, 2, clock=table.clock))
+                times["full_wall"][i].append(time_call(lambda: full_rt[i].classify(x), 5, 2, clock="wall"))
+    med = {k: [statistics.median(t) for t in v] for k, v in times.items()}
+    rows = [{"n_exits": g.n_exits, "depths": list(g.depths), "pred_full_ms": float(table.predict(g)[-1]),
+             "meas_full_ms": med["full"][i], "meas_full_wall_ms": med["full_wall"][i],
+             "pred_backbone_ms": table.backbone_latency(g), "meas_backbone_ms": med["backbone"][i],
+             "uncalibrated_full_ms": float(sum(table.raw_costs(g)[0]) + sum(table.raw_costs(g)[1])
+                                           + g.n_exits * table.decision_ms)}
+            for i, g in enumerate(genomes)]
+    col = lambda k: [r[k] for r in rows]  # noqa: E731
     return {"subnets": rows,
-            "full": {"spearman": spearman(pf, mf), "mape_pct": mape(pf, mf)},
-            "backbone": {"spearman": spearman(pb, mb), "mape_pct": mape(pb, mb)}}
+            "full": {"spearman": spearman(col("pred_full_ms"), col("meas_full_ms")),
+                     "mape_pct": mape(col("pred_full_ms"), col("meas_full_ms"))},
+            "backbone": {"spearman": spearman(col("pred_backbone_ms"), col("meas_backbone_ms")),
+                         "mape_pct": mape(col("pred_backbone_ms"), col("meas_backbone_ms"))},
+            "uncalibrated_full": {"spearman": spearman(col("uncalibrated_full_ms"), col("meas_full_ms")),
+                                  "mape_pct": mape(col("uncalibrated_full_ms"), col("meas_full_ms"))},
+            "full_wall_clock": {"spearman": spearman(col("pred_full_ms"), col("meas_full_wall_ms")),
+                                "mape_pct": mape(col("pred_full_ms"), col("meas_full_wall_ms"))}}
 
 
 def bench_dynamic(run, table: LatencyTable, repeats: int) -> dict:
-    """Per test image: median of `repeats` timings of the dynamic runtime and of the static backbone."""
+    """Per test image: median of `repeats` interleaved timings of the dynamic runtime and of the
+    static backbone (plain forward + argmax), on the table's clock and on the wall clock."""
     from hydra.utils import instantiate
 
     dm = instantiate(run.cfg.data)
@@ -104,62 +120,84 @@ def bench_dynamic(run, table: LatencyTable, repeats: int) -> dict:
     x_test, y_test = dm.split_tensors("test")
     rt = EarlyExitRuntime(run.net, run.thresholds, run.measure)
     static = backbone_only(run.net)
-    dyn, stat = [], []
+    clocks = {"": CLOCKS[table.clock], "_wall": CLOCKS["wall"]}
+    per_image = {f"{k}{c}": [] for k in ("dynamic", "static") for c in clocks}
     with torch.inference_mode():
         for i in range(len(x_test)):
             x = x_test[i:i + 1]
             for _ in range(2):  # warm-up
                 rt.classify(x), static(x).argmax(-1)
-            d, s = [], []
-            for _ in range(repeats):  # interleaved, so both see the same machine load
-                t0 = time.perf_counter_ns(); rt.classify(x); d.append(time.perf_counter_ns() - t0)  # noqa: E702
-                t0 = time.perf_counter_ns(); static(x).argmax(-1); s.append(time.perf_counter_ns() - t0)  # noqa: E702
-            dyn.append(statistics.median(d) / 1e6)
-            stat.append(statistics.median(s) / 1e6)
+            for suffix, now in clocks.items():
+                d, s = [], []
+                for _ in range(repeats):  # interleaved, so both see the same machine load
+                    t0 = now(); rt.classify(x); d.append(now() - t0)  # noqa: E702
+                    t0 = now(); static(x).argmax(-1); s.append(now() - t0)  # noqa: E702
+                per_image[f"dynamic{suffix}"].append(statistics.median(d) / 1e6)
+                per_image[f"static{suffix}"].append(statistics.median(s) / 1e6)
         result = rt.classify(x_test)
     rates = np.bincount(result.exits, minlength=rt.n_exits) / len(x_test)
     cm = CostModel(table.supernet).costs(run.genome)
     avg_macs = float(rates @ cm.cum_macs)
-    lat_ratio = float(np.mean(dyn) / np.mean(stat))
+    mean = {k: float(np.mean(v)) for k, v in per_image.items()}
+    lat_ratio = mean["dynamic"] / mean["static"]
     mac_ratio = avg_macs / cm.backbone_macs
     return {
         "n_test": len(x_test), "test_acc": float((result.labels == y_test.numpy()).mean()),
         "exit_rates": rates.tolist(), "thresholds": [None if not np.isfinite(t) else float(t) for t in rt.thresholds],
-        "dynamic_ms": float(np.mean(dyn)), "static_ms": float(np.mean(stat)),
+        "cum_macs": cm.cum_macs.tolist(), "taps": list(run.genome.taps),
+        "dynamic_ms": mean["dynamic"], "static_ms": mean["static"],
+        "dynamic_wall_ms": mean["dynamic_wall"], "static_wall_ms": mean["static_wall"],
         "pred_dynamic_ms": table.avg_latency(run.genome, rates), "pred_static_ms": table.backbone_latency(run.genome),
-        "latency_ratio": lat_ratio, "avg_macs": avg_macs, "backbone_macs": int(cm.backbone_macs),
+        "latency_ratio": lat_ratio, "latency_ratio_wall": mean["dynamic_wall"] / mean["static_wall"],
+        "avg_macs": avg_macs, "backbone_macs": int(cm.backbone_macs),
         "mac_ratio": mac_ratio, "latency_over_mac_ratio": lat_ratio / mac_ratio,
     }
 
 
 def markdown(r: dict) -> str:
-    lut, dyn = r["lut"], r["dynamic"]
-    t = r["targets"]
+    lut, dyn, t, cal = r["lut"], r["dynamic"], r["targets"], r["calibration"]
     ok = lambda b: "yes" if b else "**no**"  # noqa: E731
+    clock = r["clock"]
     lines = [
         "# Latency LUT and dynamic early-exit runtime (batch size 1, CPU)", "",
         f"Machine: {r['machine']['cpu']} ({r['machine']['machine']}), torch {r['machine']['torch']}, "
-        f"{r['threads']} thread(s). Run: `{r['run_dir']}`. Generated by `experiments/bench_latency.py`.", "",
-        f"LUT: {r['lut_entries']} components measured in {r['lut_build_s']:.1f} s.", "",
+        f"{r['threads']} thread(s), clock `{clock}`"
+        + (" (this thread's CPU time: the 2 cores are shared with other jobs, whose preemptions the wall "
+           "clock counts)" if clock == "cpu" else "") + f". Run: `{r['run_dir']}`. "
+        "Generated by `experiments/bench_latency.py`.", "",
+        f"LUT: {r['lut_entries']} components in {r['lut_build_s']:.1f} s (components, then the calibration "
+        f"on {cal['n_subnets']} other subnets: measured = {cal['scale']:.3f} x component sum + "
+        f"{cal['per_exit_ms'] * 1e3:.0f} us per exit + {cal['base_ms'] * 1e3:.0f} us).", "",
         f"## LUT-predicted vs measured latency, {len(lut['subnets'])} random subnets", "",
-        "| network | Spearman | target | MAPE % | target |", "|---|---|---|---|---|",
-        f"| full multi-exit net, final exit (dynamic runtime) | {lut['full']['spearman']:.3f} | >= 0.9 "
-        f"{ok(t['spearman_ok'])} | {lut['full']['mape_pct']:.1f} | <= 15 {ok(t['mape_ok'])} |",
-        f"| backbone alone (static) | {lut['backbone']['spearman']:.3f} | | {lut['backbone']['mape_pct']:.1f} | |", "",
-        "| # | exits | predicted full ms | measured full ms | predicted backbone ms | measured backbone ms |",
-        "|---|---|---|---|---|---|",
+        "| prediction vs measurement | Spearman | MAPE % |", "|---|---|---|",
+        f"| full multi-exit net to its final exit (runtime), calibrated LUT | {lut['full']['spearman']:.3f} "
+        f"(>= 0.9: {ok(t['spearman_ok'])}) | {lut['full']['mape_pct']:.1f} (<= 15: {ok(t['mape_ok'])}) |",
+        f"| same, component sums + decisions, uncalibrated | {lut['uncalibrated_full']['spearman']:.3f} | "
+        f"{lut['uncalibrated_full']['mape_pct']:.1f} |",
+        f"| same, measured on the wall clock | {lut['full_wall_clock']['spearman']:.3f} | "
+        f"{lut['full_wall_clock']['mape_pct']:.1f} |",
+        f"| backbone alone (runtime, one exit), calibrated | {lut['backbone']['spearman']:.3f} | "
+        f"{lut['backbone']['mape_pct']:.1f} |", "",
+        "| # | exits | predicted full ms | measured full ms | uncalibrated ms | wall ms | predicted backbone ms "
+        "| measured backbone ms |", "|---|---|---|---|---|---|---|---|",
     ]
     for i, s in enumerate(lut["subnets"]):
         lines.append(f"| {i} | {s['n_exits']} | {s['pred_full_ms']:.3f} | {s['meas_full_ms']:.3f} | "
+                     f"{s['uncalibrated_full_ms']:.3f} | {s['meas_full_wall_ms']:.3f} | "
                      f"{s['pred_backbone_ms']:.3f} | {s['meas_backbone_ms']:.3f} |")
     lines += [
         "", f"## Dynamic runtime vs static backbone, digits test set ({dyn['n_test']} images, one at a time)", "",
+        f"The run's chosen subnet (exits at taps {dyn['taps']}, cum_MACs "
+        f"{', '.join(f'{m / 1e6:.3f}M' for m in dyn['cum_macs'])}). Static = the same backbone without exits, "
+        "plain forward + argmax.", "",
         "| | value |", "|---|---|",
         f"| test accuracy (dynamic) | {dyn['test_acc']:.4f} |",
         f"| exit rates | {', '.join(f'{v:.3f}' for v in dyn['exit_rates'])} |",
-        f"| mean latency dynamic / static (ms) | {dyn['dynamic_ms']:.3f} / {dyn['static_ms']:.3f} |",
-        f"| LUT-predicted dynamic / static (ms) | {dyn['pred_dynamic_ms']:.3f} / {dyn['pred_static_ms']:.3f} |",
-        f"| latency ratio | {dyn['latency_ratio']:.3f} |",
+        f"| mean latency dynamic / static, {clock} clock (ms) | {dyn['dynamic_ms']:.3f} / {dyn['static_ms']:.3f} |",
+        f"| mean latency dynamic / static, wall clock (ms) | {dyn['dynamic_wall_ms']:.3f} / "
+        f"{dyn['static_wall_ms']:.3f} |",
+        f"| LUT-predicted dynamic / backbone (ms) | {dyn['pred_dynamic_ms']:.3f} / {dyn['pred_static_ms']:.3f} |",
+        f"| latency ratio ({clock}; wall) | {dyn['latency_ratio']:.3f}; {dyn['latency_ratio_wall']:.3f} |",
         f"| avg_MACs / backbone_MACs | {dyn['mac_ratio']:.3f} |",
         f"| latency ratio / MAC ratio (target <= 1.15) | {dyn['latency_over_mac_ratio']:.3f} {ok(t['ratio_ok'])} |",
         "", f"Peak RSS: {r['peak_rss_mb']:.0f} MB (this process; a training subprocess not included).",
@@ -186,14 +224,16 @@ def main() -> None:
     t0 = time.perf_counter()
     table.measure_all()
     build_s = time.perf_counter() - t0
-    print(f"LUT: {len(table.entries)} components ({table.n_measured} measured now) in {build_s:.1f} s", flush=True)
+    n_components = sum(not k.startswith("calibration:") for k in table.entries)
+    print(f"LUT: {n_components} components ({table.n_measured} measured now) in {build_s:.1f} s", flush=True)
     lut = bench_lut(supernet, table, args.n_subnets, args.rounds, args.seed)
     print(f"full net: Spearman {lut['full']['spearman']:.3f}, MAPE {lut['full']['mape_pct']:.1f}%; "
           f"backbone: Spearman {lut['backbone']['spearman']:.3f}, MAPE {lut['backbone']['mape_pct']:.1f}%", flush=True)
     dyn = bench_dynamic(load_run(run_dir), table, args.repeats)
     result = {
         "run_dir": str(run_dir), "threads": args.threads, "machine": table.key, "platform": platform.platform(),
-        "lut_entries": len(table.entries), "lut_build_s": build_s, "lut": lut, "dynamic": dyn,
+        "clock": table.clock, "calibration": table.calibration,
+        "lut_entries": n_components, "lut_build_s": build_s, "lut": lut, "dynamic": dyn,
         "targets": {"spearman_ok": lut["full"]["spearman"] >= 0.9, "mape_ok": lut["full"]["mape_pct"] <= 15,
                     "ratio_ok": dyn["latency_over_mac_ratio"] <= 1.15},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -1,4 +1,5 @@
 """Shared fixtures: models and search spaces built from the config tree exactly as ``ee_nas.run`` builds them."""
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from omegaconf import OmegaConf
 torch.set_num_threads(1)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # shared helpers such as fake_data.py
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +41,13 @@ def make_space():
 def backbones(make_backbone) -> dict:
     """One shared instance per backbone config. Read-only: tests that touch weights build their own."""
     return {name: make_backbone(name) for name in ("mobilenetv3_small", "resnet")}
+
+
+@pytest.fixture
+def no_md5(monkeypatch):
+    """Fake files cannot match torchvision's md5 sums; accept them."""
+    import torchvision.datasets.cifar
+    import torchvision.datasets.svhn
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", lambda *a, **k: True)

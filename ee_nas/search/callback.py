@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import time
 from pathlib import Path
 
 import lightning as L
@@ -37,6 +38,7 @@ class EvolutionaryNASCallback(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.global_rank != 0:
             return
+        started = time.perf_counter()
         supernet = pl_module.supernet
         evaluator = SubnetEvaluator(supernet, trainer.datamodule, measure=self.measure,
                                     calibration_samples=self.calibration_samples, device=self.device,
@@ -71,7 +73,9 @@ class EvolutionaryNASCallback(L.Callback):
         genome.save(self.run_dir / "arch.yaml")
         self.result = {"genome": genome, "front": front, "chosen": chosen, "reference_macs": ref, "target": target,
                        "n_evaluated": len(archive), "hypervolume": hypervolume(archive.evaluated(), ref),
-                       "records": archive.evaluated(), "search_space": space.name}
+                       "records": archive.evaluated(), "search_space": space.name,
+                       "algorithm": "none" if space.is_fixed else self.algorithm,
+                       "search_seconds": time.perf_counter() - started}
         write_front(self.run_dir, self.result)
 
     def _log_generation(self, trainer: L.Trainer, path: Path, stats: dict) -> None:

@@ -18,7 +18,8 @@ def write_front(run_dir: Path, result: dict) -> None:
     atomic_write_json(run_dir / "pareto_front.json", {
         "search_space": result["search_space"], "target_macs": result["target"],
         "reference_macs": result["reference_macs"], "hypervolume": result["hypervolume"],
-        "n_evaluated": result["n_evaluated"], "front": front})
+        "n_evaluated": result["n_evaluated"], "algorithm": result["algorithm"],
+        "search_seconds": result["search_seconds"], "front": front})
     plot_front(run_dir / "pareto.png", result)
 
 

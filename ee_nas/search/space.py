@@ -72,7 +72,13 @@ class SearchSpace:
         backbone_fixed = not self.search_backbone or (
             all(d == self.min_depth for d in self.stage_depths)
             and len(self.expand_choices) == len(self.kernel_choices) == 1)
+        if self.max_exits == 0:  # a static network (no early exits)
+            return backbone_fixed
         return one_branch and backbone_fixed and self.min_exits == self.max_exits == len(self.candidate_taps)
+
+    def training_taps(self, depths: Sequence[int]) -> list[int]:
+        """Taps that carry a branch while the supernet trains: all active ones (none for a static net)."""
+        return self.active_taps(depths) if self.max_exits else []
 
     def _backbone(self, depths, expands, kernels) -> dict:
         if not self.search_backbone:
@@ -112,7 +118,7 @@ class SearchSpace:
         layers = self._fixed_layers(OP_COST_ORDER, self.widths[-1], self.max_layers)
         bb = self._backbone(self.stage_depths, [self.expand_choices[-1]] * self.n_blocks,
                             [self.kernel_choices[-1]] * self.n_blocks)
-        return Genome(**bb, exits=[ExitBranch(t, layers) for t in self.active_taps(bb["depths"])])
+        return Genome(**bb, exits=[ExitBranch(t, layers) for t in self.training_taps(bb["depths"])])
 
     def largest_backbone(self) -> Genome:
         """The largest backbone with no early exits: the reference for relative MACs and hypervolume."""
@@ -124,12 +130,12 @@ class SearchSpace:
         layers = self._fixed_layers(OP_COST_ORDER[::-1], self.widths[0], self.min_layers)
         depths = [self.depth_range(s)[0] for s in range(len(self.stage_depths))]
         bb = self._backbone(depths, [self.expand_choices[0]] * self.n_blocks, [self.kernel_choices[0]] * self.n_blocks)
-        return Genome(**bb, exits=[ExitBranch(t, layers) for t in self.active_taps(bb["depths"])])
+        return Genome(**bb, exits=[ExitBranch(t, layers) for t in self.training_taps(bb["depths"])])
 
     def sample_training(self, rng: np.random.Generator) -> Genome:
         """A random subnet with a random branch at every active tap, so each step trains every tap."""
         bb = self._random_backbone(rng)
-        return Genome(**bb, exits=[self._random_branch(t, rng) for t in self.active_taps(bb["depths"])])
+        return Genome(**bb, exits=[self._random_branch(t, rng) for t in self.training_taps(bb["depths"])])
 
     def training_genomes(self, rng: np.random.Generator, n_random: int) -> list[Genome]:
         """Sandwich rule: largest, smallest and `n_random` random subnets (duplicates dropped)."""

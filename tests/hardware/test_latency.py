@@ -58,6 +58,16 @@ def test_predict_accumulates_exactly_like_cum_macs(supernet):
         assert table.avg_latency(g, rates) == pytest.approx(c.avg_macs(rates))
 
 
+def test_calibration_corrects_every_exit(supernet):
+    table = LatencyTable(supernet, timer=lambda fn: 1.0)
+    g = supernet.space.sample(np.random.default_rng(3))
+    seg, head = table.raw_costs(g)
+    table._correction = (1.5, 0.25, 2.0)  # as `calibrate` would fit them
+    k = np.arange(1, g.n_exits + 1)
+    np.testing.assert_allclose(table.predict(g), 1.5 * (np.cumsum(seg) + np.cumsum(head)) + 0.25 * k + 2.0)
+    assert table.backbone_latency(g) == pytest.approx(1.5 * (seg.sum() + table.head_ms) + 0.25 + 2.0)
+
+
 def test_unit_latencies_count_components_and_decisions(supernet):
     table = LatencyTable(supernet, timer=lambda fn: 1.0)  # every component, and every decision, 1 ms
     g = Genome(depths=(1, 2, 3, 2), expands=(2.0,) * 8, kernels=(3,) * 8,
@@ -65,7 +75,7 @@ def test_unit_latencies_count_components_and_decisions(supernet):
     # exit 1: stem + block 0 | branch: 2 layers + classifier + decision
     # exit 2: blocks 1..4   | branch: classifier + decision;  final: blocks 5..7 | head + decision
     np.testing.assert_allclose(table.predict(g), [2 + 4, 6 + 4 + 2, 12 + 3 + 2])
-    assert table.backbone_latency(g) == 1 + 8 + 1
+    assert table.backbone_latency(g) == 1 + 8 + 1 + 1  # stem, 8 blocks, head, one decision
 
 
 def test_avg_latency_checks_rates():
@@ -90,10 +100,14 @@ def test_measured_table_is_cached_per_machine_and_restores_threads(small_superne
     before = torch.get_num_threads()
     table = LatencyTable(small_supernet, threads=2, path=path, timer=timer)
     n = table.measure_all()
-    assert n == len(table.entries) > 10 and path.is_file()
+    assert n == len(table.entries) - 1 > 10 and path.is_file()  # components + the calibration
     assert set(seen) == {2} and torch.get_num_threads() == before
     data = json.loads(path.read_text())
-    assert data["machine"] == machine_key(2) and all(e["ms"] > 0 for e in data["entries"].values())
+    assert data["machine"] == machine_key(2)
+    assert all(e["ms"] > 0 for k, e in data["entries"].items() if not k.startswith("calibration:"))
+    cal = table.calibration
+    assert cal["scale"] >= 0 and cal["per_exit_ms"] >= 0 and cal["base_ms"] >= 0 and cal["n_subnets"] == 14
+    assert table.correction() == (cal["scale"], cal["per_exit_ms"], cal["base_ms"])
     rng = np.random.default_rng(1)
     for g in [small_supernet.space.largest()] + [small_supernet.space.sample(rng) for _ in range(5)]:
         cum = table.predict(g)

@@ -1,0 +1,78 @@
+"""Experiment configs run as smoke runs on fake local data; a 2-job multirun merges in the aggregation."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from fake_data import write_fake
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+sys.path.insert(0, str(ROOT / "experiments"))
+
+
+def run_in_process(run_dir: Path, *overrides: str) -> dict:
+    """What `python -m ee_nas.run` does, in this process (debug presets merged last, as in main)."""
+    from ee_nas.config import apply_debug, validate
+    from ee_nas.run import run
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        cfg = apply_debug(cfg)
+        validate(cfg)
+        return run(cfg)
+
+
+@pytest.mark.parametrize("name", ["svhn", "cifar10", "cifar100"])
+def test_experiment_smoke_on_fake_local_data(name, tmp_path, no_md5):
+    root = tmp_path / "data"
+    write_fake(name, root)
+    summary = run_in_process(tmp_path / "run", f"+experiment={name}_search", "debug=smoke", f"data.root={root}",
+                             "data.download=false", "logger=csv", "data.batch_size=16")
+    assert summary["dataset"] == name and summary["search_space"] == "aebnas"
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_digits_experiment_smoke(tmp_path):
+    summary = run_in_process(tmp_path / "run", "+experiment=digits_search", "debug=smoke", "logger=csv")
+    assert summary["dataset"] == "digits"
+
+
+def test_multirun_with_basic_launcher_merges_in_aggregation(tmp_path):
+    from aggregate import aggregate
+
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "ee_nas.run", "-m", "seed=1,2", "debug=smoke", "logger=csv",
+           f"hydra.sweep.dir={sweep}", "trainer.enable_progress_bar=false"]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
+    jobs = sorted(p.parent for p in sweep.rglob("summary.json"))
+    assert [p.name for p in jobs] == ["0", "1"]
+    summary = aggregate([sweep], tmp_path / "table")
+    assert summary["aebnas/nsga2"]["n_runs"] == 2 and summary["aebnas/nsga2"]["seeds"] == [1, 2]
+    rows = json.loads((tmp_path / "table.json").read_text())["runs"]
+    assert {r["seed"] for r in rows} == {1, 2}
+    assert (tmp_path / "table.png").stat().st_size > 0 and "aebnas/nsga2" in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.parametrize("overrides", [["hydra/launcher=slurm"], ["hydra/launcher=local_parallel"],
+                                       ["trainer=ddp"]])
+def test_cluster_configs_compose(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    if overrides[0].startswith("hydra/launcher=slurm"):
+        assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.cpus_per_gpu == 8
+    elif overrides[0].startswith("hydra/launcher"):
+        assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+    else:
+        assert cfg.trainer.strategy == "ddp"
