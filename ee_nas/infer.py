@@ -143,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for r in rows:
         final = " (final)" if r["exit"] == r["n_exits"] else ""
-        print(f"{r['file']}: class {r['class']}  exit {r['exit']}/{r['n_exits']}{final}  confidence {r['confidence']:.4f}")
+        print(f"{r['file']}: class {r['class']}  exit {r['exit']}/{r['n_exits']}{final}  "
+              f"confidence {r['confidence']:.4f}")
     return 0
 
 

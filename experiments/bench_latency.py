@@ -1,14 +1,14 @@
 """Benchmark of the latency LUT and the dynamic early-exit runtime on this CPU (batch size 1).
 
-    python experiments/bench_latency.py --run-dir DIR      # a finished `python -m ee_nas.run` directory
-    python experiments/bench_latency.py                    # trains a quick digits run first
+    python experiments/bench_latency.py --run-dir DIR [--run-dir DIR2 ...]   # finished `ee_nas.run` directories
+    python experiments/bench_latency.py                                      # trains a quick digits run first
 
 1. builds the latency LUT of the run's supernet (timed);
 2. LUT-predicted vs measured batch-1 latency over random subnets: the full
    multi-exit network run to its final exit by the dynamic runtime, and the
    subnet's backbone alone; Spearman rank correlation (target >= 0.9) and mean
    absolute percentage error (target <= 15%);
-3. the run's chosen subnet on the digits test set, one image at a time: mean
+3. each run's chosen subnet on the digits test set, one image at a time: mean
    latency of the dynamic runtime / the static backbone (no exits), next to
    avg_MACs / backbone_MACs (target: latency ratio <= 1.15 x MAC ratio).
 
@@ -20,11 +20,13 @@ import argparse
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ee_nas.hardware.latency import CLOCKS, LatencyTable, cpu_model, time_call  # noqa: E402
 from ee_nas.hardware.macs import CostModel  # noqa: E402
+from ee_nas.inference.export import ExportedRuntime, export_net  # noqa: E402
 from ee_nas.inference.runtime import EarlyExitRuntime, load_run, load_supernet  # noqa: E402
 from ee_nas.search.genome import Genome  # noqa: E402
 from ee_nas.utils import atomic_write_json, atomic_write_text  # noqa: E402
@@ -50,8 +53,11 @@ def quick_run() -> Path:
     print(f"training a quick digits run in {run_dir} (minutes) ...", flush=True)
     # one thread unless the user says otherwise: on 2 shared cores two threads mostly wait on each other
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    subprocess.run([sys.executable, "-m", "ee_nas.run", f"hydra.run.dir={run_dir}", *QUICK_RUN], cwd=ROOT,
-                   check=True, stdout=subprocess.DEVNULL, env=env)
+    with open(run_dir / "bench_train.log", "w") as log:
+        done = subprocess.run([sys.executable, "-m", "ee_nas.run", f"hydra.run.dir={run_dir}", *QUICK_RUN],
+                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if done.returncode:
+        raise SystemExit(f"training the quick run failed; see {run_dir / 'bench_train.log'}")
     return run_dir
 
 
@@ -120,21 +126,33 @@ def bench_dynamic(run, table: LatencyTable, repeats: int) -> dict:
     x_test, y_test = dm.split_tensors("test")
     rt = EarlyExitRuntime(run.net, run.thresholds, run.measure)
     static = backbone_only(run.net)
+    # deployment: the exported TorchScript segments/heads vs the traced static backbone
+    export_dir = Path(tempfile.mkdtemp(prefix="bench_latency_export_"))
+    export_net(run.net, export_dir, run.input_shape, run.thresholds, run.measure, backends=["torchscript"])
+    ts_rt = ExportedRuntime(export_dir, "torchscript")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts_static = torch.jit.trace(static, x_test[:2], check_trace=False)
+    pairs = {"": (rt.classify, lambda x: static(x).argmax(-1)),
+             "_ts": (ts_rt.classify, lambda x: ts_static(x).argmax(-1))}
     clocks = {"": CLOCKS[table.clock], "_wall": CLOCKS["wall"]}
-    per_image = {f"{k}{c}": [] for k in ("dynamic", "static") for c in clocks}
+    per_image = {f"{k}{p}{c}": [] for k in ("dynamic", "static") for p in pairs for c in clocks}
     with torch.inference_mode():
         for i in range(len(x_test)):
             x = x_test[i:i + 1]
-            for _ in range(2):  # warm-up
-                rt.classify(x), static(x).argmax(-1)
-            for suffix, now in clocks.items():
-                d, s = [], []
-                for _ in range(repeats):  # interleaved, so both see the same machine load
-                    t0 = now(); rt.classify(x); d.append(now() - t0)  # noqa: E702
-                    t0 = now(); static(x).argmax(-1); s.append(now() - t0)  # noqa: E702
-                per_image[f"dynamic{suffix}"].append(statistics.median(d) / 1e6)
-                per_image[f"static{suffix}"].append(statistics.median(s) / 1e6)
+            for p, (dyn_fn, static_fn) in pairs.items():
+                for _ in range(2):  # warm-up
+                    dyn_fn(x), static_fn(x)
+                for c, now in clocks.items():
+                    d, s = [], []
+                    for _ in range(repeats):  # interleaved, so both see the same machine load
+                        t0 = now(); dyn_fn(x); d.append(now() - t0)  # noqa: E702
+                        t0 = now(); static_fn(x); s.append(now() - t0)  # noqa: E702
+                    per_image[f"dynamic{p}{c}"].append(statistics.median(d) / 1e6)
+                    per_image[f"static{p}{c}"].append(statistics.median(s) / 1e6)
         result = rt.classify(x_test)
+        assert (ts_rt.classify(x_test).exits == result.exits).all()
+    shutil.rmtree(export_dir, ignore_errors=True)
     rates = np.bincount(result.exits, minlength=rt.n_exits) / len(x_test)
     cm = CostModel(table.supernet).costs(run.genome)
     avg_macs = float(rates @ cm.cum_macs)
@@ -147,6 +165,8 @@ def bench_dynamic(run, table: LatencyTable, repeats: int) -> dict:
         "cum_macs": cm.cum_macs.tolist(), "taps": list(run.genome.taps),
         "dynamic_ms": mean["dynamic"], "static_ms": mean["static"],
         "dynamic_wall_ms": mean["dynamic_wall"], "static_wall_ms": mean["static_wall"],
+        "dynamic_ts_ms": mean["dynamic_ts"], "static_ts_ms": mean["static_ts"],
+        "latency_ratio_ts": mean["dynamic_ts"] / mean["static_ts"],
         "pred_dynamic_ms": table.avg_latency(run.genome, rates), "pred_static_ms": table.backbone_latency(run.genome),
         "latency_ratio": lat_ratio, "latency_ratio_wall": mean["dynamic_wall"] / mean["static_wall"],
         "avg_macs": avg_macs, "backbone_macs": int(cm.backbone_macs),
@@ -155,7 +175,7 @@ def bench_dynamic(run, table: LatencyTable, repeats: int) -> dict:
 
 
 def markdown(r: dict) -> str:
-    lut, dyn, t, cal = r["lut"], r["dynamic"], r["targets"], r["calibration"]
+    lut, t, cal = r["lut"], r["targets"], r["calibration"]
     ok = lambda b: "yes" if b else "**no**"  # noqa: E731
     clock = r["clock"]
     lines = [
@@ -163,7 +183,7 @@ def markdown(r: dict) -> str:
         f"Machine: {r['machine']['cpu']} ({r['machine']['machine']}), torch {r['machine']['torch']}, "
         f"{r['threads']} thread(s), clock `{clock}`"
         + (" (this thread's CPU time: the 2 cores are shared with other jobs, whose preemptions the wall "
-           "clock counts)" if clock == "cpu" else "") + f". Run: `{r['run_dir']}`. "
+           "clock counts)" if clock == "cpu" else "") + ". "
         "Generated by `experiments/bench_latency.py`.", "",
         f"LUT: {r['lut_entries']} components in {r['lut_build_s']:.1f} s (components, then the calibration "
         f"on {cal['n_subnets']} other subnets: measured = {cal['scale']:.3f} x component sum + "
@@ -185,30 +205,37 @@ def markdown(r: dict) -> str:
         lines.append(f"| {i} | {s['n_exits']} | {s['pred_full_ms']:.3f} | {s['meas_full_ms']:.3f} | "
                      f"{s['uncalibrated_full_ms']:.3f} | {s['meas_full_wall_ms']:.3f} | "
                      f"{s['pred_backbone_ms']:.3f} | {s['meas_backbone_ms']:.3f} |")
-    lines += [
-        "", f"## Dynamic runtime vs static backbone, digits test set ({dyn['n_test']} images, one at a time)", "",
-        f"The run's chosen subnet (exits at taps {dyn['taps']}, cum_MACs "
-        f"{', '.join(f'{m / 1e6:.3f}M' for m in dyn['cum_macs'])}). Static = the same backbone without exits, "
-        "plain forward + argmax.", "",
-        "| | value |", "|---|---|",
-        f"| test accuracy (dynamic) | {dyn['test_acc']:.4f} |",
-        f"| exit rates | {', '.join(f'{v:.3f}' for v in dyn['exit_rates'])} |",
-        f"| mean latency dynamic / static, {clock} clock (ms) | {dyn['dynamic_ms']:.3f} / {dyn['static_ms']:.3f} |",
-        f"| mean latency dynamic / static, wall clock (ms) | {dyn['dynamic_wall_ms']:.3f} / "
-        f"{dyn['static_wall_ms']:.3f} |",
-        f"| LUT-predicted dynamic / backbone (ms) | {dyn['pred_dynamic_ms']:.3f} / {dyn['pred_static_ms']:.3f} |",
-        f"| latency ratio ({clock}; wall) | {dyn['latency_ratio']:.3f}; {dyn['latency_ratio_wall']:.3f} |",
-        f"| avg_MACs / backbone_MACs | {dyn['mac_ratio']:.3f} |",
-        f"| latency ratio / MAC ratio (target <= 1.15) | {dyn['latency_over_mac_ratio']:.3f} {ok(t['ratio_ok'])} |",
-        "", f"Peak RSS: {r['peak_rss_mb']:.0f} MB (this process; a training subprocess not included).",
-        f"Wall time: {r['wall_s']:.0f} s.", "",
-    ]
+    for i, dyn in enumerate(r["dynamic"]):
+        lines += [
+            "", f"## Dynamic runtime vs static backbone, run {i + 1}: digits test set "
+            f"({dyn['n_test']} images, one at a time)", "",
+            f"Run `{dyn['run_dir']}`; its chosen subnet has exits at taps {dyn['taps']}, cum_MACs "
+            f"{', '.join(f'{m / 1e6:.3f}M' for m in dyn['cum_macs'])}. Static = the same backbone without exits, "
+            "plain forward + argmax.", "",
+            "| | value |", "|---|---|",
+            f"| test accuracy (dynamic) | {dyn['test_acc']:.4f} |",
+            f"| exit rates | {', '.join(f'{v:.3f}' for v in dyn['exit_rates'])} |",
+            f"| mean latency dynamic / static, {clock} clock (ms) | {dyn['dynamic_ms']:.3f} / {dyn['static_ms']:.3f} |",
+            f"| mean latency dynamic / static, wall clock (ms) | {dyn['dynamic_wall_ms']:.3f} / "
+            f"{dyn['static_wall_ms']:.3f} |",
+            f"| LUT-predicted dynamic / backbone (ms) | {dyn['pred_dynamic_ms']:.3f} / {dyn['pred_static_ms']:.3f} |",
+            f"| latency ratio ({clock}; wall) | {dyn['latency_ratio']:.3f}; {dyn['latency_ratio_wall']:.3f} |",
+            f"| TorchScript export: dynamic / traced static ({clock}, ms) | {dyn['dynamic_ts_ms']:.3f} / "
+            f"{dyn['static_ts_ms']:.3f} (ratio {dyn['latency_ratio_ts']:.3f}) |",
+            f"| avg_MACs / backbone_MACs | {dyn['mac_ratio']:.3f} |",
+            f"| latency ratio / MAC ratio (target <= 1.15) | {dyn['latency_over_mac_ratio']:.3f} "
+            f"{ok(dyn['ratio_ok'])} |",
+        ]
+    lines += ["", f"Peak RSS: {r['peak_rss_mb']:.0f} MB (this process; a training subprocess not included).",
+              f"Wall time: {r['wall_s']:.0f} s.", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run-dir", type=Path, help="finished run directory (default: train a quick one)")
+    ap.add_argument("--run-dir", type=Path, action="append",
+                    help="finished run directory; repeat to compare several runs' chosen subnets "
+                         "(the first one's supernet is used for the LUT; default: train a quick run)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n-subnets", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per random subnet")
@@ -217,10 +244,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     start = time.perf_counter()
-    run_dir = args.run_dir or quick_run()
+    run_dirs = args.run_dir or [quick_run()]
     torch.set_num_threads(args.threads)
-    supernet = load_supernet(run_dir).eval()
-    table = LatencyTable(supernet, threads=args.threads, path=run_dir / "latency_lut.json")
+    lut_path = run_dirs[0] / "latency_lut.json"
+    supernet = load_supernet(run_dirs[0]).eval()
+    table = LatencyTable(supernet, threads=args.threads, path=lut_path)
     t0 = time.perf_counter()
     table.measure_all()
     build_s = time.perf_counter() - t0
@@ -229,13 +257,20 @@ def main() -> None:
     lut = bench_lut(supernet, table, args.n_subnets, args.rounds, args.seed)
     print(f"full net: Spearman {lut['full']['spearman']:.3f}, MAPE {lut['full']['mape_pct']:.1f}%; "
           f"backbone: Spearman {lut['backbone']['spearman']:.3f}, MAPE {lut['backbone']['mape_pct']:.1f}%", flush=True)
-    dyn = bench_dynamic(load_run(run_dir), table, args.repeats)
+    dynamic = []
+    for run_dir in run_dirs:
+        run_table = table if run_dir == run_dirs[0] else LatencyTable(load_supernet(run_dir).eval(),
+                                                                     threads=args.threads, path=lut_path)
+        run_table.measure_all()
+        dyn = bench_dynamic(load_run(run_dir), run_table, args.repeats)
+        dynamic.append({"run_dir": str(run_dir), **dyn, "ratio_ok": dyn["latency_over_mac_ratio"] <= 1.15})
+        print(f"{run_dir}: latency ratio {dyn['latency_ratio']:.3f}, MAC ratio {dyn['mac_ratio']:.3f}", flush=True)
     result = {
-        "run_dir": str(run_dir), "threads": args.threads, "machine": table.key, "platform": platform.platform(),
-        "clock": table.clock, "calibration": table.calibration,
-        "lut_entries": n_components, "lut_build_s": build_s, "lut": lut, "dynamic": dyn,
+        "run_dirs": [str(r) for r in run_dirs], "threads": args.threads, "machine": table.key,
+        "platform": platform.platform(), "clock": table.clock, "calibration": table.calibration,
+        "lut_entries": n_components, "lut_build_s": build_s, "lut": lut, "dynamic": dynamic,
         "targets": {"spearman_ok": lut["full"]["spearman"] >= 0.9, "mape_ok": lut["full"]["mape_pct"] <= 15,
-                    "ratio_ok": dyn["latency_over_mac_ratio"] <= 1.15},
+                    "ratio_ok": [d["ratio_ok"] for d in dynamic]},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "wall_s": time.perf_counter() - start,
     }

@@ -161,10 +161,10 @@ class ExportedRuntime(_ExitRule):
             return self.segments[k].run(None, {"input": x})[0]
         return self.segments[k](x)
 
-    def _head(self, k, x) -> np.ndarray:
+    def _head_native(self, k, x):
         if self.backend == "onnx":
             return self.heads[k].run(None, {"input": x})[0]
-        return self.heads[k](x).float().numpy()
+        return self.heads[k](x)
 
     def _take(self, x, idx):
         return x[idx] if self.backend == "onnx" else x.index_select(0, torch.as_tensor(idx))

@@ -3,7 +3,8 @@
 The rule is DESIGN.md's: a sample leaves at the first exit k with
 conf_k(x) >= t_k; the last exit always accepts. Confidence is computed by
 `ee_nas.thresholds.confidence` on the exit's logits (float64, the function the
-thresholds were tuned with), so the runtime decides exactly as
+thresholds were tuned with; at batch size 1 the same formula in torch, with
+near-ties settled by `confidence`), so the runtime decides exactly as
 ``exit_indices(confidence(logits), thresholds)`` does on the same logits.
 
 Batches: samples that left are dropped from later segments by index
@@ -44,6 +45,39 @@ def normalize_thresholds(thresholds, n_exits: int) -> np.ndarray:
     return t
 
 
+TIE = 1e-9  # |conf - threshold| below which a batch-1 decision is recomputed exactly
+
+
+def _to_numpy(logits) -> np.ndarray:
+    return logits.detach().float().cpu().numpy() if torch.is_tensor(logits) else np.asarray(logits)
+
+
+def row_confidence(logits, measure: str) -> float:
+    """Confidence of one row of logits [1, C], as `ee_nas.thresholds.confidence` computes it (float64).
+
+    Torch logits stay in torch: between the ops of a network at batch size 1 this costs a few
+    microseconds, a numpy round trip tens. The value may differ from `confidence` in the last bits
+    (summation order); the runtime settles near-ties with `confidence` itself.
+    """
+    if not torch.is_tensor(logits):
+        return float(confidence(logits, measure)[0])
+    z = logits.detach().double().reshape(-1)
+    z = z - z.max()
+    e = z.exp()
+    s = e.sum()
+    if measure == "max_softmax":
+        return float(1.0 / s)  # the largest p is exp(0) / s
+    c = z.numel()
+    if c == 1:
+        return 1.0
+    p = e / s
+    if measure == "entropy":
+        h = float(-(p * (z - s.log())).sum())
+        return min(max(1.0 - h / math.log(c), 0.0), 1.0)
+    top = p.topk(2).values
+    return float(top[0] - top[1])
+
+
 @dataclass(frozen=True)
 class ExitResult:
     """Per-sample outcome of dynamic inference."""
@@ -72,8 +106,12 @@ class _ExitRule:
     def _segment(self, k: int, x):
         raise NotImplementedError
 
-    def _head(self, k: int, x) -> np.ndarray:
+    def _head_native(self, k: int, x):
+        """Logits of head k as the backend gives them (torch tensor or numpy array)."""
         raise NotImplementedError
+
+    def _head(self, k: int, x) -> np.ndarray:
+        return _to_numpy(self._head_native(k, x))
 
     def _take(self, x, idx: np.ndarray):
         raise NotImplementedError
@@ -87,10 +125,31 @@ class _ExitRule:
         accept = np.ones(len(conf), bool) if k == self.n_exits - 1 else conf >= self.thresholds[k]
         return conf, accept
 
+    def _classify_one(self, x) -> ExitResult:
+        """Batch size 1: the same rule without the bookkeeping of a batch.
+
+        The confidence is computed where the logits are (torch, float64); only within `TIE` of the
+        threshold is it recomputed by `confidence` itself, so every decision is exactly the batch rule's.
+        """
+        last = self.n_exits - 1
+        for k in range(self.n_exits):
+            x = self._segment(k, x)
+            native = self._head_native(k, x)
+            conf, t = row_confidence(native, self.measure), self.thresholds[k]
+            if k < last and abs(conf - t) <= TIE:
+                conf = float(confidence(_to_numpy(native), self.measure)[0])
+            if k == last or conf >= t:
+                logits = _to_numpy(native).astype(np.float32, copy=False)
+                return ExitResult(logits.argmax(-1).astype(np.int64), np.array([k], np.int64),
+                                  np.array([conf]), logits)
+        raise AssertionError("the last exit always accepts")
+
     def classify(self, x) -> ExitResult:
         """Dynamic inference on a batch [N, C, H, W] (or one image [C, H, W])."""
         x = self._prepare(x)
         n = x.shape[0]
+        if n == 1:
+            return self._classify_one(x)
         labels = np.zeros(n, np.int64)
         exits = np.zeros(n, np.int64)
         conf_out = np.zeros(n, np.float64)
@@ -143,8 +202,8 @@ class EarlyExitRuntime(_ExitRule):
     def _segment(self, k, x):
         return self.segments[k](x)
 
-    def _head(self, k, x):
-        return self.heads[k](x).float().cpu().numpy()
+    def _head_native(self, k, x):
+        return self.heads[k](x)
 
     def _take(self, x, idx):
         return x.index_select(0, torch.as_tensor(idx, device=x.device))

@@ -89,30 +89,37 @@ def test_time_call_is_a_positive_median():
     assert 0 < ms < 100
 
 
-def test_measured_table_is_cached_per_machine_and_restores_threads(small_supernet, tmp_path):
-    path = tmp_path / "lut.json"
+def test_threads_are_set_while_measuring_and_restored(small_supernet):
     seen = []
 
     def timer(fn):
         seen.append(torch.get_num_threads())
-        return time_call(fn, repeats=3, warmup=1, sample_s=1e-4)
+        return 1.0
 
     before = torch.get_num_threads()
-    table = LatencyTable(small_supernet, threads=2, path=path, timer=timer)
+    table = LatencyTable(small_supernet, threads=2, timer=timer, calibration_subnets=1, calibration_rounds=1)
+    table.measure_all()
+    assert table.clock == "wall" and table.key["threads"] == 2  # CPU time of one thread misses the others
+    assert seen and set(seen) == {2} and torch.get_num_threads() == before
+
+
+def test_measured_table_is_cached_per_machine(small_supernet, tmp_path):
+    path = tmp_path / "lut.json"
+    table = LatencyTable(small_supernet, path=path, repeats=3, warmup=1, sample_s=1e-4, calibration_subnets=2,
+                         calibration_rounds=1)
     n = table.measure_all()
-    assert n == len(table.entries) - 1 > 10 and path.is_file()  # components + the calibration
-    assert set(seen) == {2} and torch.get_num_threads() == before
+    assert table.clock == "cpu" and n == len(table.entries) - 1 > 10 and path.is_file()  # + the calibration
     data = json.loads(path.read_text())
-    assert data["machine"] == machine_key(2)
+    assert data["machine"] == machine_key(1)
     assert all(e["ms"] > 0 for k, e in data["entries"].items() if not k.startswith("calibration:"))
     cal = table.calibration
-    assert cal["scale"] >= 0 and cal["per_exit_ms"] >= 0 and cal["base_ms"] >= 0 and cal["n_subnets"] == 14
+    assert cal["scale"] >= 0 and cal["per_exit_ms"] >= 0 and cal["base_ms"] >= 0 and cal["n_subnets"] == 4
     assert table.correction() == (cal["scale"], cal["per_exit_ms"], cal["base_ms"])
     rng = np.random.default_rng(1)
     for g in [small_supernet.space.largest()] + [small_supernet.space.sample(rng) for _ in range(5)]:
         cum = table.predict(g)
         assert cum.shape == (g.n_exits,) and np.all(np.diff(cum) > 0) and cum[0] > 0
-    again = LatencyTable(small_supernet, threads=2, path=path, timer=lambda fn: pytest.fail("re-measured"))
+    again = LatencyTable(small_supernet, path=path, timer=lambda fn: pytest.fail("re-measured"))
     assert again.measure_all() == 0
     np.testing.assert_array_equal(again.predict(small_supernet.space.largest()),
                                   table.predict(small_supernet.space.largest()))

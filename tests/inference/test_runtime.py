@@ -6,7 +6,7 @@ import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
-from ee_nas.inference.runtime import EarlyExitRuntime, load_run, normalize_thresholds
+from ee_nas.inference.runtime import EarlyExitRuntime, load_run, normalize_thresholds, row_confidence
 from ee_nas.models.multi_exit import MultiExitSupernet
 from ee_nas.search.genome import BranchLayer, ExitBranch, Genome
 from ee_nas.thresholds.confidence import confidence
@@ -83,6 +83,27 @@ def test_batch_size_one_matches_the_batch(net, images):
     for i in range(32):
         one = rt.classify(images[i])  # a single [C, H, W] image
         assert (one.exits[0], one.labels[0]) == (batch.exits[i], batch.labels[i])
+
+
+@pytest.mark.parametrize("measure", ["max_softmax", "entropy", "margin"])
+def test_row_confidence_matches_confidence(measure):
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.1, 3.0, 1e4):
+        logits = torch.randn(50, 10, generator=g) * scale
+        expected = confidence(logits, measure)
+        got = [row_confidence(logits[i:i + 1], measure) for i in range(50)]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+        assert row_confidence(logits[:1].numpy(), measure) == expected[0]
+
+
+def test_batch_size_one_settles_ties_exactly(net, images):
+    """A threshold equal to a sample's confidence accepts it; one ulp above does not (as exit_indices)."""
+    x = images[3:4]
+    conf0 = confidence(all_logits(net, x), "max_softmax")[0, 0]
+    at = EarlyExitRuntime(net, [conf0, np.inf, np.inf]).classify(x)
+    above = EarlyExitRuntime(net, [np.nextafter(conf0, 2.0), np.inf, np.inf]).classify(x)
+    assert (at.exits[0], above.exits[0]) == (0, 3)
+    assert at.confidence[0] == conf0
 
 
 def test_samples_that_left_skip_later_segments(net, images):
