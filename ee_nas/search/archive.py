@@ -40,9 +40,12 @@ class Archive:
         return [r for r in self.records.values() if r["status"] == "ok"]
 
 
-def objectives(record: dict, reference_macs: float) -> tuple[float, float]:
-    """(validation error, avg MACs relative to the reference backbone): both minimized."""
-    return 1.0 - record["val_acc"], record["avg_macs"] / reference_macs
+def objectives(record: dict, reference_cost: float) -> tuple[float, float]:
+    """(validation error, avg cost relative to the reference backbone's): both minimized.
+
+    The cost is avg MACs, or avg latency with a latency objective (`avg_cost`).
+    """
+    return 1.0 - record["val_acc"], record.get("avg_cost", record["avg_macs"]) / reference_cost
 
 
 def pareto_front(records: list[dict], reference_macs: float, feasible_only: bool = True) -> list[dict]:
@@ -51,7 +54,7 @@ def pareto_front(records: list[dict], reference_macs: float, feasible_only: bool
         return []
     F = np.array([objectives(r, reference_macs) for r in pool])
     front = NonDominatedSorting().do(F, only_non_dominated_front=True)
-    return sorted((pool[i] for i in front), key=lambda r: r["avg_macs"])
+    return sorted((pool[i] for i in front), key=lambda r: objectives(r, reference_macs)[1])
 
 
 def hypervolume(records: list[dict], reference_macs: float) -> float:

@@ -30,13 +30,20 @@ class ExitOutputs:
 class SubnetEvaluator:
     def __init__(self, supernet, datamodule, cost_model: CostModel | None = None, measure: str = "max_softmax",
                  calibration_samples: int = 512, device: str | torch.device = "cpu",
-                 max_candidates: int = 256):
+                 max_candidates: int = 256, hardware=None, latency=None):
         self.supernet, self.datamodule = supernet, datamodule
+        self.hardware, self.latency = hardware, latency
+        self.by_latency = hardware is not None and hardware.objective == "latency"
+        if self.by_latency and latency is None:
+            raise ValueError("hardware.objective=latency needs a latency table (hardware.latency_lut)")
         self.costs = cost_model or CostModel(supernet)
         self.measure, self.max_candidates = measure, max_candidates
         self.device = torch.device(device)
         self.calibration = datamodule.split_tensors("train", max_samples=calibration_samples)[0]
         self.reference_macs = self.costs.costs(supernet.space.largest_backbone()).backbone_macs
+        # the objective's unit: MACs, or ms from the latency table
+        self.reference_cost = (latency.backbone_latency(supernet.space.largest_backbone()) if self.by_latency
+                               else self.reference_macs)
 
     def subnet(self, genome):
         """The static subnet with inherited weights and its own BatchNorm statistics."""
@@ -58,15 +65,37 @@ class SubnetEvaluator:
         return out
 
     def score(self, genome, target: float | None) -> dict:
-        """Validation accuracy after per-candidate threshold tuning, avg MACs and costs."""
+        """Validation accuracy after per-candidate threshold tuning, its avg cost and the hardware caps.
+
+        `target` and `avg_cost` are in the objective's unit (MACs, or ms with a latency
+        objective); avg_macs is always reported from the same exit rates.
+        """
         costs = self.costs.costs(genome)
+        cum_cost = self.latency.predict(genome) if self.by_latency else costs.cum_macs
         val = self.outputs(genome, ("val",))["val"]
-        policy = tune_thresholds(val.conf, val.correct, costs.cum_macs, target,
-                                 max_candidates=self.max_candidates)
+        policy = tune_thresholds(val.conf, val.correct, cum_cost, target, max_candidates=self.max_candidates)
         p = policy.to_dict()
-        return {
-            "val_acc": p["accuracy"], "avg_macs": p["avg_macs"], "feasible": p["feasible"],
+        violations = self._violations(genome, costs)
+        record = {
+            "val_acc": p["accuracy"], "avg_cost": p["avg_macs"], "avg_macs": float(policy.exit_rates @ costs.cum_macs),
+            "feasible": p["feasible"] and not violations, "violations": violations,
             "thresholds": p["thresholds"], "exit_rates": p["exit_rates"],
             "cum_macs": costs.cum_macs.tolist(), "params": costs.params, "backbone_macs": costs.backbone_macs,
             "final_exit_val_acc": float(val.correct[:, -1].mean()),
         }
+        if self.latency is not None:
+            cum_ms = self.latency.predict(genome)
+            record.update(cum_latency_ms=cum_ms.tolist(), avg_latency_ms=float(policy.exit_rates @ cum_ms))
+        return record
+
+    def _violations(self, genome, costs) -> list[str]:
+        """Broken parameter / peak-memory caps of the hardware profile (empty when none are set)."""
+        if self.hardware is None:
+            return []
+        memory = None
+        if getattr(self.hardware, "max_memory_bytes", None) is not None:
+            from ee_nas.hardware.latency import LatencyTable
+
+            table = self.latency or LatencyTable(self.supernet)
+            memory = table.peak_memory_bytes(genome)
+        return self.hardware.violations(params=costs.params, memory_bytes=memory)

@@ -136,7 +136,7 @@ def _violation(record: dict, target: float | None, reference_macs: float) -> flo
         return 10.0
     if target is None:
         return -1.0
-    return (record["avg_macs"] - target) / reference_macs
+    return (record.get("avg_cost", record["avg_macs"]) - target) / reference_macs
 
 
 def generation_stats(archive: Archive, gen: int, reference_macs: float, target: float | None) -> dict:
@@ -155,4 +155,4 @@ def generation_stats(archive: Archive, gen: int, reference_macs: float, target: 
 
 def choose(front: list[dict]) -> dict | None:
     """Best validation accuracy under the target (the feasible front); ties go to fewer avg MACs."""
-    return max(front, key=lambda r: (r["val_acc"], -r["avg_macs"])) if front else None
+    return max(front, key=lambda r: (r["val_acc"], -r.get("avg_cost", r["avg_macs"]))) if front else None
