@@ -16,10 +16,17 @@ from hydra.utils import instantiate
 from torchmetrics.classification import MulticlassAccuracy
 
 from ee_nas.models.bn import recalibrate_bn
+from ee_nas.utils import mix_seed
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The training loss or the weights became NaN/inf: training stops, the last good checkpoint stays."""
+
+
+def non_finite_tensors(state_dict) -> list[str]:
+    """Names of the floating-point tensors of `state_dict` that hold a NaN or an inf."""
+    return [k for k, v in state_dict.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 class MultiExitModule(L.LightningModule):
@@ -53,6 +60,11 @@ class MultiExitModule(L.LightningModule):
             kd = torch.stack([F.kl_div(F.log_softmax(z / t, dim=1), soft, reduction="batchmean") for z in logits])
             loss = loss + self.distill_weight * t * t * kd.mean()
         return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        """Dropout and other torch randomness of this step depend on (seed, epoch, batch) only, so a run
+        resumed from a checkpoint repeats an uninterrupted one exactly (data order: `EpochShuffle`)."""
+        torch.manual_seed(mix_seed(self.hparams.seed, self.current_epoch, batch_idx, self.global_rank))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -98,6 +110,13 @@ class MultiExitModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def on_save_checkpoint(self, checkpoint):
+        """Keep the sampler state; refuse to overwrite the last good checkpoint with non-finite weights."""
+        bad = non_finite_tensors(checkpoint["state_dict"])
+        if bad:
+            raise NonFiniteLossError(
+                f"the supernet weights became non-finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) "
+                f"by epoch {self.current_epoch}, step {self.global_step}; not saving them. Lower "
+                "training.optimizer.lr or check the data. The last good checkpoint is kept.")
         checkpoint["subnet_sampler_rng"] = self.rng.bit_generator.state
 
     def on_load_checkpoint(self, checkpoint):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import signal
 from pathlib import Path
 
 import hydra
@@ -28,49 +30,139 @@ def configure_wandb_env() -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from ee_nas.config import ConfigError, apply_debug, validate
+    from ee_nas.config import apply_debug, validate
 
     cfg = apply_debug(cfg)
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (a launcher's worker): keep its handling
+        previous = None
+    try:
         validate(cfg)
-    except ConfigError as err:  # a user error: one clear message, no traceback
-        log.error("%s", err)
-        raise SystemExit(2) from None
-    summary = run(cfg)
+        summary = run(cfg)
+    except BaseException as err:
+        code, message = user_error(err, cfg)
+        if code is None:
+            raise
+        log.error("%s", message)  # a user error or an interruption: one clear message, no traceback
+        raise SystemExit(code) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return summary["test_acc"]
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM outside supernet training (setup, search, report): stop now; artifacts are written
+    atomically, so the rerun resumes from the last checkpoint and archive.json. While training,
+    Lightning's handler runs first and stops after the current batch (this one then stays quiet)."""
+    from ee_nas.pipeline import RunInterrupted
+
+    if signal.getsignal(signal.SIGTERM) is _terminate:
+        raise RunInterrupted(signum)
+
+
+def user_error(err: BaseException, cfg: DictConfig) -> tuple[int | None, str]:
+    """(exit status, message) for errors a user causes or fixes; (None, '') for bugs (traceback)."""
+    from ee_nas.config import ConfigError
+    from ee_nas.data import DataError
+    from ee_nas.lit_module import NonFiniteLossError
+    from ee_nas.pipeline import RunInterrupted
+
+    try:
+        run_dir = cfg.paths.run_dir
+    except Exception:  # not composed by hydra
+        run_dir = "<the run directory>"
+    if isinstance(err, (ConfigError, DataError)):
+        return 2, str(err)
+    if isinstance(err, NonFiniteLossError):
+        return 3, (f"training stopped: {err} ({Path(run_dir) / 'checkpoints' / 'last.ckpt'}) A changed config "
+                   f"(a lower learning rate) needs a new run directory (hydra.run.dir=...)")
+    if isinstance(err, (RunInterrupted, KeyboardInterrupt)):
+        signum = err.signum if isinstance(err, RunInterrupted) else signal.SIGINT
+        return 128 + signum, (f"interrupted by {signal.Signals(signum).name}; the finished work is saved in "
+                              f"{run_dir}. Resume with: {resume_command(run_dir)}")
+    return None, ""
+
+
+def resume_command(run_dir) -> str:
+    """The command that resumes this run: the same overrides plus hydra.run.dir=<run_dir>."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.run.dir=")]
+    except Exception:  # not started by @hydra.main
+        overrides = ["<the same overrides>"]
+    return " ".join(["python -m ee_nas.run", *map(shlex.quote, overrides), shlex.quote(f"hydra.run.dir={run_dir}")])
+
+
+def build(cfg: DictConfig, key: str, **kwargs):
+    """`instantiate(cfg[key])`; a constructor's ValueError/TypeError becomes one ConfigError line naming the key."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from ee_nas.config import ConfigError
+    from ee_nas.data import DataError
+
+    try:
+        return instantiate(cfg[key], **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (ConfigError, DataError)):  # already a message for the user
+            raise cause from None
+        if not isinstance(cause, (ValueError, TypeError, FileNotFoundError, MisconfigurationException)):
+            raise
+        message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        where = "" if message.startswith(f"{key}.") else f"{key}: "
+        raise ConfigError(f"config error: {where}{message}") from None
 
 
 def run(cfg: DictConfig) -> dict:
     """The whole pipeline for a composed config; returns the summary written to summary.json."""
     configure_wandb_env()
     import torch
-    from hydra.utils import instantiate
     from lightning import seed_everything
+    from lightning.pytorch.trainer.states import TrainerStatus
 
+    from ee_nas.config import validate_built
+    from ee_nas.hardware.macs import CostModel
     from ee_nas.logging_utils import finish_loggers, log_final, make_loggers
     from ee_nas.lit_module import MultiExitModule
     from ee_nas.models.multi_exit import MultiExitSupernet
-    from ee_nas.pipeline import evaluate_and_report, make_callbacks, resume_checkpoint
+    from ee_nas.pipeline import (AtomicCheckpointIO, RunInterrupted, claim_run_dir, evaluate_and_report,
+                                 make_callbacks, resume_checkpoint)
+    from ee_nas.utils import remove_stale_temp_files
 
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(cfg, run_dir)
+    remove_stale_temp_files(run_dir, run_dir / "checkpoints")
     seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
 
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg, "data")
     datamodule.setup()
-    backbone = instantiate(cfg.backbone, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes,
-                           image_size=datamodule.image_size)
-    space = instantiate(cfg.search_space, backbone=backbone)
+    backbone = build(cfg, "backbone", in_channels=datamodule.in_channels, num_classes=datamodule.num_classes,
+                     image_size=datamodule.image_size)
+    space = build(cfg, "search_space", backbone=backbone)
     supernet = MultiExitSupernet(backbone, space)
+    hardware = build(cfg, "hardware")
+    validate_built(space, CostModel(supernet), hardware)
     module = MultiExitModule(supernet, seed=cfg.seed, calibration_samples=cfg.evaluation.calibration_samples,
                              **OmegaConf.to_container(cfg.training))
-    hardware = instantiate(cfg.hardware)
     loggers = make_loggers(cfg, run_dir)
     callbacks, nas = make_callbacks(cfg, run_dir, hardware)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
+    trainer = build(cfg, "trainer", callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir),
+                    plugins=[AtomicCheckpointIO()])
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+        except SystemExit:  # Lightning's graceful stop on SIGTERM / Ctrl+C, after saving last.ckpt
+            received = next((c.received for c in callbacks if getattr(c, "received", None)), None)
+            if received is None and trainer.state.status != TrainerStatus.INTERRUPTED:
+                raise
+            raise RunInterrupted(received or signal.SIGINT) from None
         summary = evaluate_and_report(cfg, run_dir, module, datamodule, hardware, nas)
         log_final(loggers, run_dir, summary)
     finally:

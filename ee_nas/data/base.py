@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from sklearn.model_selection import train_test_split
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.transforms import v2
+
+from ee_nas.utils import mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +83,24 @@ class TensorImages(Dataset):
     Resizing happens per sample so a 224-pixel run on CIFAR doesn't blow up memory.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, size: int):
+    def __init__(self, x: Tensor, y: Tensor, size: int, source_index: np.ndarray | None = None):
         self.x, self.y, self.size = x, y.long(), size
+        self.source_index = source_index  # position of each sample in the source it was carved from
 
     def __len__(self) -> int:
         return len(self.y)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.y.numpy()
+
+    @property
+    def channels(self) -> int:
+        return int(self.x.shape[1])
+
+    def describe(self, i: int) -> str:
+        src = f" (index {int(self.source_index[i])} of the source)" if self.source_index is not None else ""
+        return f"sample {i}{src}"
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         x = self.x[i]
@@ -97,15 +112,51 @@ class TensorImages(Dataset):
 
 
 class _Transformed(Dataset):
+    """A raw split with its transform. A key `(i, seed)` (from `EpochShuffle`) runs the random
+    transform under its own seed, so augmentation does not depend on worker or process history."""
+
     def __init__(self, base: Dataset, transform):
         self.base, self.transform = base, transform
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int):
-        x, y = self.base[i]
+    def __getitem__(self, key: int | tuple[int, int]):
+        if isinstance(key, tuple):
+            i, seed = key
+            x, y = self.base[i]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.transform(x), y
+        x, y = self.base[key]
         return self.transform(x), y
+
+
+class EpochShuffle(Sampler):
+    """Training order and augmentation seeds as a function of (seed, epoch) only.
+
+    Yields `(index, augmentation_seed)` pairs. A run resumed from a checkpoint therefore sees
+    exactly the batches an uninterrupted run sees, whatever random numbers the process drew
+    before: Lightning calls `set_epoch` before every epoch (also through its distributed
+    wrapper), and `skip` drops the samples a mid-epoch checkpoint had already trained on.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, skip: int = 0):
+        self.n, self.seed, self.epoch, self.skip = n, seed, epoch, skip
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.skip = epoch, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        order = torch.randperm(self.n, generator=gen)
+        seeds = torch.randint(0, 2**62, (self.n,), generator=gen)
+        skip, self.skip = self.skip, 0  # only the first pass of a resumed epoch skips
+        yield from zip(order[skip:].tolist(), seeds[skip:].tolist())
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -181,8 +232,29 @@ class ImageDataModule(L.LightningDataModule):
         raw = self._load_splits()
         missing = set(SPLITS) - set(raw)
         assert not missing, f"{type(self).__name__}._load_splits lacks {missing}"
+        self._check_samples(raw)
         self._raw = raw
         log.info("%s splits: %s", self.name, self.split_sizes())
+
+    def _check_samples(self, raw: dict[str, Dataset]) -> None:
+        """Every label must be a class of the dataset and every image must have `in_channels`."""
+        for split in SPLITS:
+            ds = raw[split]
+            channels = getattr(ds, "channels", self.in_channels)
+            if channels != self.in_channels:
+                raise DataError(f"{self.name}: the {split} images have {channels} channels but "
+                                f"in_channels={self.in_channels}")
+            labels = getattr(ds, "labels", None)
+            if labels is None or not len(labels):
+                continue
+            labels = np.asarray(labels)
+            bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+            if len(bad):
+                i = int(bad[0])
+                where = ds.describe(i) if hasattr(ds, "describe") else f"sample {i}"
+                raise DataError(f"{self.name}: {split} {where} has label {int(labels[i])}, but the dataset has "
+                                f"num_classes={self.num_classes} (valid labels 0..{self.num_classes - 1}); "
+                                f"{len(bad)} of {len(labels)} {split} labels are out of range")
 
     def _transform(self, train: bool):
         steps: list = []
@@ -200,15 +272,35 @@ class ImageDataModule(L.LightningDataModule):
         self.setup()
         return _Transformed(self._raw[split], self._transform(train_transforms))
 
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def _loader(self, ds: Dataset, batch_size: int, sampler: Sampler | None = None,
+                drop_last: bool = False) -> DataLoader:
         pin = self.pin_memory and torch.cuda.is_available()  # pinning without CUDA only warns
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                           num_workers=self.num_workers, pin_memory=pin, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled by (split_seed, epoch) with per-sample augmentation seeds (`EpochShuffle`)."""
         ds = self.dataset("train", train_transforms=True)
         # drop a last batch that could be 1 sample: BatchNorm fails on it in training
-        return self._loader(ds, self.batch_size, shuffle=True, drop_last=len(ds) > self.batch_size)
+        drop_last = len(ds) > self.batch_size
+        epoch, done = self._resume_position()
+        sampler = EpochShuffle(len(ds), self.split_seed, epoch=epoch, skip=done * self.batch_size)
+        return self._loader(ds, self.batch_size, sampler=sampler, drop_last=drop_last)
+
+    def _resume_position(self) -> tuple[int, int]:
+        """(epoch about to run, batches of it already trained) as the trainer restored them.
+
+        The first loader iterator is created before Lightning calls `set_epoch`, so a resumed
+        run must start its sampler at the restored epoch (and past the batches a mid-epoch
+        checkpoint already trained).
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        epochs = trainer.fit_loop.epoch_progress.current
+        mid_epoch = epochs.started > epochs.processed
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed if mid_epoch else 0
+        return epochs.processed, int(done)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")
@@ -218,7 +310,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def eval_dataloader(self, split: str) -> DataLoader:
         """Any split with eval transforms, in order (train here = BatchNorm recalibration)."""
-        return self._loader(self.dataset(split), self.eval_batch_size, shuffle=False)
+        return self._loader(self.dataset(split), self.eval_batch_size)
 
     # ----- search helpers -------------------------------------------------
     def split_sizes(self) -> dict[str, int]:
@@ -241,7 +333,7 @@ class ImageDataModule(L.LightningDataModule):
             idx = torch.randperm(len(ds), generator=gen)[:max_samples].sort().values
             ds = Subset(ds, idx.tolist())
         xs, ys = [], []
-        for x, y in self._loader(ds, self.eval_batch_size, shuffle=False):
+        for x, y in self._loader(ds, self.eval_batch_size):
             xs.append(x)
             ys.append(y)
         if xs:

@@ -34,4 +34,4 @@ class DigitsDataModule(ImageDataModule):
         y = torch.tensor(digits.target, dtype=torch.long)
         train, test, val = split_indices(digits.target, [self.test_fraction, self.val_fraction], self.split_seed)
         self.split_indices = {"train": train, "val": val, "test": test}
-        return {s: TensorImages(x[idx], y[idx], self.image_size) for s, idx in self.split_indices.items()}
+        return {s: TensorImages(x[idx], y[idx], self.image_size, idx) for s, idx in self.split_indices.items()}

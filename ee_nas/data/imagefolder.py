@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,20 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
+@lru_cache(maxsize=None)
+def _convertible(mode: str, target: str) -> bool:
+    """Whether PIL converts images of `mode` to `target` (1 = 'L' or 3 = 'RGB' channels)."""
+    try:
+        blank = Image.new(mode, (1, 1))
+    except Exception:  # a mode PIL cannot create blank: loading the image will tell
+        return True
+    try:
+        blank.convert(target)
+    except ValueError:  # "conversion from LAB to L not supported"
+        return False
+    return True
+
+
 class FileImages(Dataset):
     """(path, label) pairs -> float [C,S,S] in [0,1]; the image is squashed to S x S (no crop)."""
 
@@ -41,6 +56,13 @@ class FileImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([label for _, label in self.samples], dtype=np.int64)
+
+    def describe(self, i: int) -> str:
+        return f"image {self.samples[i][0]}"
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
@@ -89,8 +111,17 @@ class ImageFolderDataModule(ImageDataModule):
                     raise DataError(f"imagefolder: class folder {folder / cls} holds no images "
                                     f"({', '.join(IMG_EXTENSIONS)}); remove it or add images")
 
+    @property
+    def mode(self) -> str:
+        """The PIL mode every image is converted to."""
+        return "L" if self.in_channels == 1 else "RGB"
+
     def _scan(self, folder: Path) -> list[tuple[str, int]]:
-        """List images and verify each with PIL once: bad files fail (or are skipped) here, not mid-epoch."""
+        """List images and check each with PIL once: bad files fail (or are skipped) here, not mid-epoch.
+
+        An image whose mode is not `self.mode` (grayscale in an RGB folder, RGBA, palette...) is
+        converted when loaded and counted in `self.converted`; one that cannot be converted is bad data.
+        """
         samples = []
         for cls in _class_dirs(folder):
             for name in sorted(os.listdir(folder / cls)):
@@ -99,22 +130,36 @@ class ImageFolderDataModule(ImageDataModule):
                     continue
                 try:
                     with Image.open(path) as img:
+                        mode = img.mode
                         img.verify()
+                    if not _convertible(mode, self.mode):
+                        raise DataError(f"PIL mode {mode} cannot be converted to {self.mode} "
+                                        f"(data.in_channels={self.in_channels})")
                 except Exception as err:
                     if self.bad_data == "error":
-                        raise DataError(f"imagefolder: unreadable image {path} ({err}); delete it or "
+                        what = "unconvertible" if isinstance(err, DataError) else "unreadable"
+                        raise DataError(f"imagefolder: {what} image {path} ({err}); delete or convert it, or "
                                         f"set data.bad_data=skip") from err
                     self.skipped_files.append(str(path))
                     continue
+                if mode != self.mode:
+                    self.converted.setdefault(mode, []).append(str(path))
                 samples.append((str(path), self.classes.index(cls)))
         return samples
 
     def _load_splits(self):
         self.skipped_files = []
+        #: PIL mode -> files converted to `self.mode` when loaded
+        self.converted: dict[str, list[str]] = {}
         samples = {s: self._scan(folder) for s, folder in self.split_dirs.items()}
         if self.skipped_files:
-            log.warning("imagefolder: skipped %d unreadable images (data.bad_data=skip): %s",
+            log.warning("imagefolder: skipped %d unreadable or unconvertible images (data.bad_data=skip): %s",
                         len(self.skipped_files), self.skipped_files)
+        if self.converted:
+            counts = ", ".join(f"{len(files)} {mode} (e.g. {files[0]})" for mode, files in self.converted.items())
+            log.warning("imagefolder: %d images are not %s and are converted to %s when loaded "
+                        "(data.in_channels=%d): %s", sum(map(len, self.converted.values())), self.mode,
+                        self.mode, self.in_channels, counts)
         train = samples["train"]
         if not train:
             raise DataError(f"imagefolder: no readable images in {self.split_dirs['train']}")
@@ -123,5 +168,4 @@ class ImageFolderDataModule(ImageDataModule):
         self.split_indices = {"train": parts[0], **dict(zip(self._carve, parts[1:]))}
         for split, idx in self.split_indices.items():
             samples[split] = [train[i] for i in idx]
-        mode = "L" if self.in_channels == 1 else "RGB"
-        return {s: FileImages(samples[s], self.image_size, mode) for s in ("train", "val", "test")}
+        return {s: FileImages(samples[s], self.image_size, self.mode) for s in ("train", "val", "test")}

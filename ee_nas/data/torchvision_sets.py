@@ -65,8 +65,8 @@ class _TorchvisionDataModule(ImageDataModule):
         train, val = split_indices(y.numpy(), [self.val_fraction], self.split_seed)
         self.split_indices = {"train": train, "val": val}
         return {
-            "train": TensorImages(x[train], y[train], self.image_size),
-            "val": TensorImages(x[val], y[val], self.image_size),
+            "train": TensorImages(x[train], y[train], self.image_size, train),
+            "val": TensorImages(x[val], y[val], self.image_size, val),
             "test": TensorImages(x_test, y_test, self.image_size),
         }
 

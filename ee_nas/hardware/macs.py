@@ -85,8 +85,9 @@ class CostModel:
         self._tap_shape = self._tap_shapes()
         self.block_cost = lru_cache(maxsize=None)(self._block_cost)
         self.branch_cost = lru_cache(maxsize=None)(self._branch_cost)
-        self.stem_cost = module_macs(bb.extract_stem(), self._in_shape)
-        self.head_cost = module_macs(bb.extract_head(), self._tap_shape[bb.n_blocks - 1])
+        # counted on CPU copies, wherever the supernet lives (ptflops feeds CPU tensors)
+        self.stem_cost = module_macs(bb.extract_stem().cpu(), self._in_shape)
+        self.head_cost = module_macs(bb.extract_head().cpu(), self._tap_shape[bb.n_blocks - 1])
 
     def _tap_shapes(self) -> list[tuple[int, int, int]]:
         bb = self.supernet.backbone
@@ -96,17 +97,17 @@ class CostModel:
         bb = self.supernet.backbone
         if block == 0:
             with torch.no_grad():
-                return tuple(bb.extract_stem().eval()(torch.zeros(1, *self._in_shape)).shape[1:])
+                return tuple(bb.extract_stem().cpu().eval()(torch.zeros(1, *self._in_shape)).shape[1:])
         return self._tap_shape[block - 1]
 
     def _block_cost(self, block: int, expand: float, kernel: int) -> tuple[int, int]:
         module = self.supernet.backbone.blocks[block].extract(
             self.supernet.backbone.block_in(block), expand, kernel)
-        return module_macs(module, self._block_in_shape(block))
+        return module_macs(module.cpu(), self._block_in_shape(block))
 
     def _branch_cost(self, tap: int, layers) -> tuple[int, int]:
         module = self.supernet.branches[str(tap)].extract(layers)
-        return module_macs(module, self._tap_shape[tap])
+        return module_macs(module.cpu(), self._tap_shape[tap])
 
     def costs(self, genome) -> ExitCosts:
         bb = self.supernet.backbone

@@ -19,6 +19,7 @@ from ee_nas.search.evaluator import SubnetEvaluator
 from ee_nas.search.evolution import choose, evaluate_cached, search
 from ee_nas.search.genome import Genome
 from ee_nas.search.report import write_front
+from ee_nas.utils import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,11 @@ class EvolutionaryNASCallback(L.Callback):
     def __init__(self, run_dir: str, hardware, algorithm: str = "nsga2", pop_size: int = 16,
                  n_generations: int = 8, seed: int = 0, crossover_prob: float = 0.9, mutation_prob: float = 0.1,
                  measure: str = "max_softmax", max_candidates: int = 256, calibration_samples: int = 512,
-                 device: str = "cpu"):
+                 device: str = "cpu", predictor=None, n_per_iteration: int = 8):
         self.run_dir, self.hardware = Path(run_dir), hardware
+        # a Predictor (conf/predictor/): surrogate-assisted search, n_per_iteration true evaluations per generation
+        self.predictor = None if predictor in (None, "none") else predictor
+        self.n_per_iteration = n_per_iteration
         self.algorithm, self.pop_size, self.n_generations, self.seed = algorithm, pop_size, n_generations, seed
         self.crossover_prob, self.mutation_prob = crossover_prob, mutation_prob
         self.measure, self.max_candidates = measure, max_candidates
@@ -55,12 +59,22 @@ class EvolutionaryNASCallback(L.Callback):
             front = pareto_front(archive.evaluated(), ref)
         else:
             progress_file = self.run_dir / "search_progress.csv"
-            progress_file.unlink(missing_ok=True)  # rewritten in full by the (replayed) generations
-            front = search(space, lambda g: evaluator.score(g, target), archive, algorithm=self.algorithm,
-                           pop_size=self.pop_size, n_generations=self.n_generations, seed=self.seed,
-                           reference_macs=ref, target=target, crossover_prob=self.crossover_prob,
-                           mutation_prob=self.mutation_prob,
-                           on_generation=lambda gen, stats: self._log_generation(trainer, progress_file, stats))
+            self._progress: list[dict] = []  # rewritten in full (atomically) by the (replayed) generations
+            on_generation = lambda gen, stats: self._log_generation(trainer, progress_file, stats)  # noqa: E731
+            if self.predictor is not None:
+                from ee_nas.search.surrogate import surrogate_search
+
+                front = surrogate_search(space, lambda g: evaluator.score(g, target), archive, self.predictor,
+                                         pop_size=self.pop_size, n_iterations=self.n_generations,
+                                         n_per_iteration=self.n_per_iteration, seed=self.seed, reference_macs=ref,
+                                         target=target, cost_fn=lambda g: evaluator.costs.costs(g).cum_macs,
+                                         crossover_prob=self.crossover_prob, mutation_prob=self.mutation_prob,
+                                         on_generation=on_generation)
+            else:
+                front = search(space, lambda g: evaluator.score(g, target), archive, algorithm=self.algorithm,
+                               pop_size=self.pop_size, n_generations=self.n_generations, seed=self.seed,
+                               reference_macs=ref, target=target, crossover_prob=self.crossover_prob,
+                               mutation_prob=self.mutation_prob, on_generation=on_generation)
         chosen = choose(front)
         if chosen is None:
             ok = archive.evaluated()
@@ -81,12 +95,13 @@ class EvolutionaryNASCallback(L.Callback):
     def _log_generation(self, trainer: L.Trainer, path: Path, stats: dict) -> None:
         log.info("generation %d: %d evaluated, hypervolume %.4f, best val acc under target %.4f",
                  stats["generation"], stats["n_evaluated"], stats["hypervolume"], stats["best_acc_under_target"])
-        new = not path.exists()
-        with path.open("a", newline="") as f:
+        self._progress.append(stats)
+
+        def write_rows(f) -> None:
             writer = csv.DictWriter(f, fieldnames=list(stats))
-            if new:
-                writer.writeheader()
-            writer.writerow(stats)
+            writer.writeheader()
+            writer.writerows(self._progress)
+        atomic_write(path, write_rows)
         metrics = {f"search/{k}": v for k, v in stats.items() if not (isinstance(v, float) and math.isnan(v))}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step + stats["generation"] + 1)

@@ -6,7 +6,7 @@ encoding into features itself: ``onehot`` (one column per value of each gene,
 genes with two values stay one 0/1 column) or ``normalized`` (each gene scaled
 to [0, 1] by ``space.bounds()``). Models are scikit-learn regressors:
 
-- ``mlp``: MLPRegressor on standardized targets;
+- ``mlp``: MLPRegressor (L-BFGS: the training sets are tens of genomes) on standardized targets;
 - ``rbf``: Gaussian process with a constant * RBF + white-noise kernel (hyper-
   parameters fitted by marginal likelihood), or ``kernel_ridge`` with an RBF kernel;
 - ``trees``: ExtraTrees, RandomForest or GradientBoosting.
@@ -22,29 +22,43 @@ same predictions, which the search's resume-by-replay relies on.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy.stats import kendalltau
 from sklearn.base import clone
 from sklearn.compose import TransformedTargetRegressor
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.ensemble import ExtraTreesRegressor, GradientBoostingRegressor, RandomForestRegressor
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 from sklearn.kernel_ridge import KernelRidge
 from sklearn.neural_network import MLPRegressor
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from ee_nas.search.genome import POOL_OPS
 
 KINDS = ("none", "mlp", "rbf", "trees")
 FEATURES = ("onehot", "normalized")
 
 
 class Predictor:
-    """A scikit-learn regressor over genome encodings; `fit(X, y)` / `predict(X)` take raw encodings."""
+    """A scikit-learn regressor over genome encodings; `fit(X, y)` / `predict(X)` take raw encodings.
 
-    def __init__(self, model, name: str, features: str = "onehot", bounds: tuple | None = None):
+    Bound to a space (`for_space`), genes that do not matter for the genome are
+    masked out of the features: the expand/kernel genes of blocks the depths
+    drop, and the branch genes of absent exits and layers (and the width of a
+    pooling layer). A masked gene gets all-zero one-hot columns, or 0 in
+    `normalized` mode where present genes map to (1..n) / n; so "no exit" is
+    never confused with "an exit with the first op". Unbound, every gene is used.
+    """
+
+    def __init__(self, model, name: str, features: str = "onehot", bounds: tuple | None = None,
+                 layout: dict | None = None):
         if features not in FEATURES:
             raise ValueError(f"predictor.features={features!r}: valid are {list(FEATURES)}")
-        self.model, self.name, self.features = model, name, features
+        self.model, self.name, self.features, self.layout = model, name, features, layout
         self.bounds = None if bounds is None else (np.asarray(bounds[0]), np.asarray(bounds[1]))
         self._fitted = None
 
@@ -52,27 +66,53 @@ class Predictor:
         return f"Predictor({self.name}, features={self.features})"
 
     def for_space(self, space) -> "Predictor":
-        """A fresh, unfitted copy whose features use the space's gene bounds."""
-        return Predictor(clone(self.model), self.name, self.features, space.bounds())
+        """A fresh, unfitted copy whose features use the space's gene bounds and structure."""
+        layout = dict(n_stages=len(space.stage_depths), block_stage=list(space.block_stage),
+                      block_index=list(space.block_index), n_taps=len(space.candidate_taps),
+                      max_layers=space.max_layers, pool_ops=[i for i, op in enumerate(space.ops) if op in POOL_OPS])
+        return Predictor(clone(self.model), self.name, self.features, space.bounds(), layout)
 
     def clone(self) -> "Predictor":
-        return Predictor(clone(self.model), self.name, self.features, self.bounds)
+        return Predictor(clone(self.model), self.name, self.features, self.bounds, self.layout)
+
+    def relevant(self, X: np.ndarray) -> np.ndarray:
+        """[N, n_var] bool: which genes of each encoding matter (all, without a layout)."""
+        mask = np.ones(X.shape, dtype=bool)
+        if self.layout is None:
+            return mask
+        L = self.layout
+        ns, stage, index = L["n_stages"], np.array(L["block_stage"]), np.array(L["block_index"])
+        nb = len(stage)
+        active = index[None, :] < X[:, :ns][:, stage]                # [N, blocks]
+        mask[:, ns:ns + 2 * nb] = np.repeat(active, 2, axis=1)
+        per_tap = 2 + 2 * L["max_layers"]
+        for t in range(L["n_taps"]):
+            g = X[:, ns + 2 * nb + t * per_tap: ns + 2 * nb + (t + 1) * per_tap]
+            m = mask[:, ns + 2 * nb + t * per_tap: ns + 2 * nb + (t + 1) * per_tap]  # a view
+            present = g[:, 0] > 0
+            m[:, 1] = present
+            for i in range(L["max_layers"]):
+                layer = present & (g[:, 1] > i)
+                m[:, 2 + 2 * i] = layer
+                m[:, 3 + 2 * i] = layer & ~np.isin(g[:, 2 + 2 * i], L["pool_ops"])
+        return mask
 
     def transform(self, X) -> np.ndarray:
         """Features of raw integer encodings [N, n_var]."""
-        X = np.atleast_2d(np.asarray(X, dtype=float))
+        X = np.rint(np.atleast_2d(np.asarray(X, dtype=float))).astype(np.int64)
         lo, hi = self.bounds if self.bounds is not None else self._data_bounds
-        span = np.where(hi > lo, hi - lo, 1.0)
-        if self.features == "normalized":
-            return np.clip((X - lo) / span, 0.0, 1.0)
+        mask = self.relevant(X)
+        n_values = (hi - lo + 1).astype(np.int64)
+        if self.features == "normalized":  # present: (1..n)/n, masked: 0
+            return np.where(mask, (np.clip(X - lo, 0, n_values - 1) + 1) / n_values, 0.0)
         cols = []
         for j in range(X.shape[1]):
-            n = int(hi[j] - lo[j]) + 1
-            if n <= 2:  # constant or binary gene: one column
-                cols.append(((X[:, j] - lo[j]) / span[j])[:, None])
+            n = int(n_values[j])
+            if n == 1:
+                cols.append(mask[:, j:j + 1].astype(float))
             else:
-                cols.append((np.rint(X[:, j] - lo[j])[:, None] == np.arange(n)[None, :]).astype(float))
-        return np.hstack(cols)
+                cols.append(((X[:, j:j + 1] - lo[j]) == np.arange(n)[None, :]) & mask[:, j:j + 1])
+        return np.hstack(cols).astype(float)
 
     def fit(self, X, y) -> "Predictor":
         X, y = np.atleast_2d(np.asarray(X, dtype=float)), np.asarray(y, dtype=float).ravel()
@@ -80,13 +120,16 @@ class Predictor:
             raise ValueError(f"predictor needs >= 2 samples with one target each, got X {X.shape}, y {y.shape}")
         if self.bounds is None:  # no space given: the training data's range
             self._data_bounds = (X.min(0), X.max(0))
-        self._fitted = clone(self.model).fit(self.transform(X), y)
+        with threadpool_limits(1), warnings.catch_warnings():  # tiny matrices: BLAS threads only contend
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self._fitted = clone(self.model).fit(self.transform(X), y)
         return self
 
     def predict(self, X) -> np.ndarray:
         if self._fitted is None:
             raise RuntimeError(f"{self!r} is not fitted")
-        return np.asarray(self._fitted.predict(self.transform(X)), dtype=float).ravel()
+        with threadpool_limits(1):
+            return np.asarray(self._fitted.predict(self.transform(X)), dtype=float).ravel()
 
 
 def make_predictor(kind: str = "trees", features: str | None = None, model: str | None = None,
@@ -100,11 +143,10 @@ def make_predictor(kind: str = "trees", features: str | None = None, model: str 
     if kind in (None, "none"):
         return None
     if kind == "mlp":
-        p = dict(hidden_layer_sizes=(64, 32), alpha=1e-3, learning_rate_init=3e-3, max_iter=3000,
-                 tol=1e-6, n_iter_no_change=50) | params
+        p = dict(hidden_layer_sizes=(64, 32), alpha=1e-3, solver="lbfgs", max_iter=500, tol=1e-6) | params
         p["hidden_layer_sizes"] = tuple(p["hidden_layer_sizes"])
         reg = TransformedTargetRegressor(MLPRegressor(random_state=seed, **p), transformer=StandardScaler())
-        return Predictor(reg, "mlp", features or "onehot")
+        return Predictor(reg, "mlp", features or "normalized")
     if kind == "rbf":
         model = model or "gp"
         if model == "gp":
@@ -117,7 +159,7 @@ def make_predictor(kind: str = "trees", features: str | None = None, model: str 
                                              transformer=StandardScaler())
         else:
             raise ValueError(f"predictor.model={model!r} for kind rbf: valid are 'gp', 'kernel_ridge'")
-        return Predictor(reg, f"rbf:{model}", features or "onehot")
+        return Predictor(reg, f"rbf:{model}", features or "normalized")
     if kind == "trees":
         model = model or "extra_trees"
         classes = {"extra_trees": ExtraTreesRegressor, "random_forest": RandomForestRegressor,
@@ -125,7 +167,7 @@ def make_predictor(kind: str = "trees", features: str | None = None, model: str 
         if model not in classes:
             raise ValueError(f"predictor.model={model!r} for kind trees: valid are {list(classes)}")
         defaults = {"gradient_boosting": dict(n_estimators=200, max_depth=3, learning_rate=0.05, subsample=0.8)}
-        p = defaults.get(model, dict(n_estimators=200, min_samples_leaf=1, max_features=0.5, n_jobs=1)) | params
+        p = defaults.get(model, dict(n_estimators=100, max_features=0.5, n_jobs=1)) | params
         return Predictor(classes[model](random_state=seed, **p), f"trees:{model}", features or "normalized")
     raise ValueError(f"predictor.kind={kind!r}: valid are {list(KINDS)}")
 

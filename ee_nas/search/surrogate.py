@@ -18,13 +18,14 @@ calls of `evaluate` (a failed candidate counts; fewer only if the space runs out
 
 MAC objective of the inner search. `cost_fn(genome)` returns the genome's
 per-exit cumulative MACs (exact and cheap: ``CostModel.costs(g).cum_macs``).
-The tuned avg MACs lies in [cum_macs[0], cum_macs[-1]] (everyone leaves at the
-first exit .. everyone runs the full network), so the search predicts only
-where in that range the thresholds put it: avg_macs = r * cum_macs[-1] with r
-predicted and clipped to [cum_macs[0] / cum_macs[-1], 1]. Feasibility is exact:
-threshold tuning meets the target iff cum_macs[0] <= target (the cheapest
-policy, everyone leaving at exit 1, fits). Without `cost_fn` the predictor
-learns avg_macs / reference directly and feasibility is predicted.
+Threshold tuning (max accuracy s.t. avg_macs <= target) puts avg MACs in a
+range known exactly from them: when cum_macs[0] > target not even "everyone
+leaves at exit 1" fits, the tuner returns that policy (avg = cum_macs[0],
+infeasible); otherwise avg lies in [cum_macs[0], min(cum_macs[-1], target)].
+So feasibility is exact (cum_macs[0] <= target), and the second model only
+predicts the position p in [0, 1] inside that range (clipped):
+avg_macs = lo + p * (hi - lo). Without `cost_fn` the model learns
+avg_macs / reference directly and feasibility is predicted from it.
 
 Resume works like ``evolution.search``: iteration i fits on the records of
 iterations < i only (in a fixed order, seeded models) and runs a seeded inner
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 class _PredictedProblem(Problem):
     """The inner problem: predicted (error, avg_macs / reference) and the target constraint; records what it saw."""
 
-    def __init__(self, space, predict: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]):
+    def __init__(self, space, predict: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]):
         lo, hi = space.bounds()
         super().__init__(n_var=space.n_var, n_obj=2, n_ieq_constr=1, xl=lo, xu=hi, vtype=int)
         self.predict = predict
@@ -111,7 +112,7 @@ def surrogate_search(space, evaluate: Callable, archive: Archive, predictor: Pre
                         "sampling at random", it, len(train), min_train)
             picks, predicted = _fill([], {r["key"] for r in known}, n_per_iteration, space, rng), None
         else:
-            models = _fit(predictor, space, train, cum_macs if cost_fn else None, reference_macs)
+            models = _fit(predictor, space, train, cum_macs if cost_fn else None, reference_macs, target)
             predict = _predictor_fn(space, models, cum_macs if cost_fn else None, reference_macs, target)
             picks = _inner_search(space, predict, train, {r["key"] for r in known}, n_per_iteration, inner_pop,
                                   inner_generations, seed=int(rng.integers(2**31)), rng=rng,
@@ -152,14 +153,28 @@ def _fill(picks: list[Genome], known: set[str], n: int, space, rng: np.random.Ge
     return picks
 
 
-def _fit(predictor: Predictor, space, train: list[dict], cum_macs, reference_macs: float) -> tuple:
+def _mac_range(cum: np.ndarray, target: float | None) -> tuple[float, float]:
+    """[lo, hi] of the tuned avg MACs given the per-exit cum MACs (lo == hi when infeasible)."""
+    lo = float(cum[0])
+    hi = float(cum[-1]) if target is None else min(float(cum[-1]), float(target))
+    return lo, max(lo, hi)
+
+
+def _fit(predictor: Predictor, space, train: list[dict], cum_macs, reference_macs: float,
+         target: float | None) -> tuple:
     X = np.array([space.encode(Genome.from_dict(r["genome"])) for r in train])
     acc = predictor.clone().fit(X, [r["val_acc"] for r in train])
-    if cum_macs is not None:
-        y = [r["avg_macs"] / cum_macs(Genome.from_dict(r["genome"]))[-1] for r in train]
-    else:
-        y = [r["avg_macs"] / reference_macs for r in train]
-    return acc, predictor.clone().fit(X, y)
+    if cum_macs is None:
+        return acc, predictor.clone().fit(X, [r["avg_macs"] / reference_macs for r in train])
+    rows, y = [], []
+    for i, r in enumerate(train):
+        lo, hi = _mac_range(cum_macs(Genome.from_dict(r["genome"])), target)
+        if hi > lo:  # a range to place the tuned avg MACs in
+            rows.append(i)
+            y.append(float(np.clip((r["avg_macs"] - lo) / (hi - lo), 0.0, 1.0)))
+    if len(rows) < 2 or np.ptp(y) == 0:
+        return acc, float(np.mean(y)) if y else 1.0  # a constant position
+    return acc, predictor.clone().fit(X[rows], y)
 
 
 def _predictor_fn(space, models, cum_macs, reference_macs: float, target: float | None):
@@ -167,14 +182,14 @@ def _predictor_fn(space, models, cum_macs, reference_macs: float, target: float 
 
     def predict(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         acc = np.clip(acc_model.predict(X), 0.0, 1.0)
-        m = macs_model.predict(X)
         if cum_macs is not None:
             cums = [cum_macs(space.decode(x)) for x in X]
-            first, last = np.array([c[0] for c in cums]), np.array([c[-1] for c in cums])
-            avg = np.clip(m, first / last, 1.0) * last
-            cv = first if target is not None else None
+            lo, hi = np.array([_mac_range(c, target) for c in cums]).T
+            pos = macs_model.predict(X) if isinstance(macs_model, Predictor) else np.full(len(X), macs_model)
+            avg = lo + np.clip(pos, 0.0, 1.0) * (hi - lo)
+            cv = np.array([c[0] for c in cums]) if target is not None else None
         else:
-            avg = np.maximum(m, 0.0) * reference_macs
+            avg = np.maximum(macs_model.predict(X), 0.0) * reference_macs
             cv = avg if target is not None else None
         G = (cv - target) / reference_macs if cv is not None else -np.ones(len(X))
         return np.stack([1.0 - acc, avg / reference_macs], 1), G[:, None]

@@ -1,0 +1,158 @@
+"""Fine-tuning: train one static subnet from its inherited supernet weights, then re-tune its thresholds.
+
+    python -m ee_nas.finetune run_dir=outputs/digits_search/<time> epochs=5
+    python -m ee_nas.finetune run_dir=... arch=.../selected/1_trade_off epochs=10 lr=0.005
+
+The architecture (`arch=`: an arch.yaml or a directory holding one; default the
+run's `arch.yaml`) is extracted from the run's supernet with recalibrated
+BatchNorm, scored (thresholds tuned on val under the run's hardware target,
+reported on test), trained as a standalone `MultiExitNet` for `epochs` epochs
+with the supernet's joint per-exit loss (`MultiExitModule.exit_loss`: the final
+exit weighted `training.final_weight`, the mean early-exit loss
+`training.early_weight`, self-distillation from its own final exit), its
+BatchNorm recalibrated again, its thresholds re-tuned on val and scored on
+test. Writes `finetune_summary.json` (before/after), `subnet.pt` (the
+`ee_nas.run` format) and `arch.yaml` into `out=` (default: `finetuned/` next to
+the arch.yaml).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from ee_nas.lit_module import MultiExitModule, NonFiniteLossError
+from ee_nas.models.bn import recalibrate_bn
+from ee_nas.search.genome import Genome
+from ee_nas.select import evaluate_subnet, load_run, parse_key_values, save_subnet
+
+log = logging.getLogger(__name__)
+
+REPORT_KEYS = ("test_acc", "avg_macs", "relative_macs", "val_acc", "val_avg_macs", "final_exit_test_acc",
+               "meets_target", "exit_rates", "thresholds")
+
+
+class FinetuneModule(L.LightningModule):
+    """A static multi-exit subnet trained with the supernet's loss (the same functions, not a copy)."""
+
+    exit_loss = MultiExitModule.exit_loss
+    configure_optimizers = MultiExitModule.configure_optimizers
+
+    def __init__(self, net, optimizer, scheduler=None, final_weight: float = 1.0, early_weight: float = 1.0,
+                 distill_weight: float = 0.0, distill_temperature: float = 2.0):
+        super().__init__()
+        self.net, self.optimizer_cfg, self.scheduler_cfg = net, optimizer, scheduler
+        self.final_weight, self.early_weight = final_weight, early_weight
+        self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
+
+    def forward(self, x):
+        return self.net(x)
+
+    def on_train_epoch_start(self):
+        self.net.train()  # extracted nets come in eval mode, and Lightning keeps a module's mode
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        loss = self.exit_loss(logits, y, logits[-1].detach())
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"fine-tuning loss became {loss.item()} at step {self.global_step}; "
+                                     "lower lr=...")
+        self.log("finetune/loss", loss, prog_bar=True)
+        self.log("finetune/acc_final", (logits[-1].argmax(1) == y).float().mean())
+        return loss
+
+
+def resolve_arch(run_dir: Path, arch: str | None) -> Path:
+    path = Path(arch) if arch else run_dir / "arch.yaml"
+    if path.is_dir():
+        path = path / "arch.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"arch={arch!r}: {path} does not exist (give an arch.yaml or a directory with one)")
+    return path
+
+
+def finetune(run_dir: str | Path, arch: str | Path | None = None, epochs: int = 5, lr: float | None = None,
+             out: str | Path | None = None, device: str | None = None, seed: int | None = None) -> dict:
+    """Fine-tune one architecture of a finished run; returns (and writes) the before/after summary."""
+    from lightning.pytorch.loggers import CSVLogger
+    from omegaconf import OmegaConf
+
+    from ee_nas.utils import atomic_write_json
+
+    if epochs < 0:
+        raise ValueError(f"epochs={epochs} must be >= 0")
+    run = load_run(run_dir, device)
+    arch_path = resolve_arch(run.run_dir, None if arch is None else str(arch))
+    genome = run.supernet.space.validate(Genome.load(arch_path))
+    out = Path(out) if out else arch_path.parent / "finetuned"
+    L.seed_everything(run.cfg.seed if seed is None else seed, workers=True)
+
+    net = run.evaluator.subnet(genome)  # inherited weights, recalibrated BatchNorm
+    before = evaluate_subnet(run, genome, net)
+    training = OmegaConf.to_container(run.cfg.training, resolve=True)
+    optimizer = dict(training["optimizer"])
+    optimizer["lr"] = float(lr) if lr is not None else 0.1 * float(optimizer.get("lr", 0.05))
+    module = FinetuneModule(net, OmegaConf.create(optimizer), training.get("scheduler"),
+                            training["final_weight"], training["early_weight"], training["distill_weight"],
+                            training["distill_temperature"])
+    if epochs > 0:
+        accelerator = "gpu" if run.evaluator.device.type == "cuda" else "cpu"
+        trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=CSVLogger(out, name="csv"),
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=10)
+        trainer.fit(module, train_dataloaders=run.datamodule.train_dataloader())
+    net = net.to(run.evaluator.device)
+    recalibrate_bn(net, run.evaluator.calibration.to(run.evaluator.device), run.datamodule.eval_batch_size)
+    after = evaluate_subnet(run, genome, net)
+    genome.save(out / "arch.yaml")
+    save_subnet(out / "subnet.pt", genome, net, after.pop("_thresholds"), run.cfg.thresholds.measure)
+    before.pop("_thresholds")
+    summary = {"run_dir": str(run.run_dir), "arch": str(arch_path), "epochs": epochs, "lr": optimizer["lr"],
+               "target_macs": run.target, "reference_macs": run.reference_macs,
+               "before": {k: before[k] for k in REPORT_KEYS}, "after": {k: after[k] for k in REPORT_KEYS},
+               "n_exits": genome.n_exits, "taps": list(genome.taps), "params": after["params"],
+               "cum_macs": after["cum_macs"], "genome": genome.to_dict()}
+    atomic_write_json(out / "finetune_summary.json", summary)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"fine-tuned {s['arch']} for {s['epochs']} epochs (lr {s['lr']:.3g})",
+             f"{'':>7}  {'test_acc':>8}  {'avg_MACs':>10}  {'rel':>6}  {'val_acc':>7}  {'final_exit_test':>15}"]
+    for name in ("before", "after"):
+        r = s[name]
+        lines.append(f"{name:>7}  {r['test_acc']:8.4f}  {r['avg_macs']:10.4g}  {r['relative_macs']:6.3f}  "
+                     f"{r['val_acc']:7.4f}  {r['final_exit_test_acc']:15.4f}")
+    return "\n".join(lines)
+
+
+FINETUNE_KEYS = {
+    "run_dir": (str, ..., "a finished ee_nas.run directory (checkpoints/last.ckpt, .hydra/)"),
+    "arch": (str, None, "arch.yaml or a directory holding one, e.g. selected/1_trade_off (default: run_dir/arch.yaml)"),
+    "epochs": (int, 5, "fine-tuning epochs"),
+    "lr": (float, None, "learning rate (default: a tenth of training.optimizer.lr)"),
+    "out": (str, None, "output directory (default: finetuned/ next to the arch.yaml)"),
+    "device": (str, None, "cpu | cuda (default: the run's evaluation.device)"),
+    "seed": (int, None, "seed (default: the run's seed)"),
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    a = parse_key_values(argv, "python -m ee_nas.finetune", __doc__.split("\n\n")[0], FINETUNE_KEYS)
+    try:
+        summary = finetune(**a)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(format_summary(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    main()
+    sys.exit(0)

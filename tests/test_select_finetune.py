@@ -1,0 +1,139 @@
+"""Post-search selection (on a fake archive) and, on a short real run, export and fine-tuning."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+from ee_nas.select import knee_distances, parse_key_values, select
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+# -- ranking on a fake archive ------------------------------------------------------------------------
+
+def record(i, acc, macs, n_exits=2, feasible=True, ok=True):
+    exits = [{"tap": t, "layers": []} for t in range(n_exits - 1)]
+    return {"key": f"k{i:03d}", "val_acc": acc, "avg_macs": macs, "feasible": feasible,
+            "status": "ok" if ok else "failed", "genome": {"depths": [1], "expands": [2.0], "kernels": [3],
+                                                          "exits": exits}}
+
+
+@pytest.fixture
+def archive():
+    rng = np.random.default_rng(0)
+    records = [record(i, float(rng.uniform(0.5, 0.99)), float(rng.uniform(1e5, 1e6)), n_exits=int(rng.integers(1, 5)))
+               for i in range(60)]
+    records += [record(100, 0.999, 1.0, feasible=False), record(101, 0.999, 1.0, ok=False)]
+    return records
+
+
+@pytest.mark.parametrize("prefer", ["trade_off", "accuracy", "macs"])
+@pytest.mark.parametrize("n_exits", [None, 1, 3])
+def test_selection_count_feasibility_and_n_exits(archive, prefer, n_exits):
+    picks = select(archive, prefer, n=5, n_exits=n_exits)
+    assert len(picks) == 5 and len({r["key"] for r in picks}) == 5
+    assert all(r["feasible"] and r["status"] == "ok" for r in picks)
+    if n_exits is not None:
+        assert all(len(r["genome"]["exits"]) + 1 == n_exits for r in picks)
+    pool = [r for r in archive if r["feasible"] and r["status"] == "ok"
+            and (n_exits is None or len(r["genome"]["exits"]) + 1 == n_exits)]
+    if prefer == "accuracy":
+        assert [r["val_acc"] for r in picks] == sorted((r["val_acc"] for r in pool), reverse=True)[:5]
+    if prefer == "macs":
+        assert [r["avg_macs"] for r in picks] == sorted(r["avg_macs"] for r in pool)[:5]
+
+
+def test_trade_off_picks_the_knee_then_the_front():
+    # (avg MACs, error): a clear knee at (0.2, 0.3) between the extremes (0.1, 0.9) and (1.0, 0.1)
+    front = [record(0, 0.1, 0.1), record(1, 0.7, 0.2), record(2, 0.8, 0.5), record(3, 0.9, 1.0)]
+    dominated = [record(4, 0.6, 0.6), record(5, 0.65, 0.9)]
+    d = knee_distances(front)
+    assert d[1] == d.max() > 0 and d[0] == pytest.approx(0) and d[3] == pytest.approx(0)
+    picks = select(front + dominated, "trade_off", n=6)
+    assert picks[0]["key"] == "k001"
+    assert {r["key"] for r in picks[:4]} == {"k000", "k001", "k002", "k003"}  # the front before the rest
+    assert {r["key"] for r in picks[4:]} == {"k004", "k005"}
+    assert len(select(front, "trade_off", n=10)) == 4  # fewer qualify: all of them
+    assert select(front, "trade_off", n_exits=4) == []
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="prefer"):
+        select([], "fastest")
+    keys = {"run_dir": (str, ..., ""), "n": (int, 3, ""), "n_exits": (int, None, "")}
+    assert parse_key_values(["run_dir=x", "n=2", "n_exits=null"], "t", "", keys) == {"run_dir": "x", "n": 2,
+                                                                                      "n_exits": None}
+    for argv in (["n=2"], ["run_dir=x", "bogus=1"], ["run_dir=x", "n=two"], ["run_dir"]):
+        with pytest.raises(SystemExit):
+            parse_key_values(argv, "t", "", keys)
+
+
+# -- export and fine-tuning on a short real run --------------------------------------------------------
+
+FAST = ["trainer.max_epochs=2", "search.pop_size=4", "search.n_generations=2", "+search.n_per_iteration=2",
+        "predictor=rbf", "logger=csv", "evaluation.calibration_samples=128", "thresholds.sweep_points=4",
+        "trainer.enable_progress_bar=false"]
+
+
+def run_pipeline(run_dir: Path, *overrides: str) -> dict:
+    """In-process `python -m ee_nas.run`, with the .hydra/config.yaml that select and finetune read back."""
+    from ee_nas.run import run
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[*FAST, *overrides], return_hydra_config=True)
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        return run(cfg)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    return run_dir, run_pipeline(run_dir)
+
+
+def test_surrogate_search_ran_in_the_pipeline(trained_run):
+    run_dir, summary = trained_run
+    assert summary["n_evaluated"] == 4 + 2  # the initial population, then one iteration of n_per_iteration
+    progress = (run_dir / "search_progress.csv").read_text().splitlines()
+    assert "kendall_tau_acc" in progress[0] and len(progress) == 3
+
+
+def test_select_exports_subnets_in_the_run_format(trained_run, capsys):
+    from ee_nas.select import main
+
+    run_dir, _ = trained_run
+    rows = main([f"run_dir={run_dir}", "prefer=accuracy", "n=2"])
+    assert 1 <= len(rows) <= 2 and "val_acc" in capsys.readouterr().out
+    reference = torch.load(run_dir / "subnet.pt", weights_only=False)
+    for rank, row in enumerate(rows, 1):
+        out = run_dir / "selected" / f"{rank}_accuracy"
+        saved = torch.load(out / "subnet.pt", weights_only=False)
+        assert saved.keys() == reference.keys()
+        assert saved["genome"] == row["genome"] and (out / "arch.yaml").is_file()
+        assert row["val_acc"] == pytest.approx(row["archive_val_acc"], abs=1e-9)  # same subnet, same scores
+    assert json.loads((run_dir / "selected" / "selection.json").read_text())["prefer"] == "accuracy"
+
+
+def test_finetune_starts_at_inherited_accuracy_and_does_not_lower_it(trained_run):
+    from ee_nas.finetune import main
+
+    run_dir, summary = trained_run
+    result = main([f"run_dir={run_dir}", "epochs=2"])
+    before, after = result["before"], result["after"]
+    assert abs(before["test_acc"] - summary["test_acc"]) <= 0.01
+    assert after["test_acc"] >= before["test_acc"]
+    on_disk = json.loads((run_dir / "finetuned" / "finetune_summary.json").read_text())
+    assert on_disk["after"]["test_acc"] == after["test_acc"]
+    assert after["meets_target"] == (after["avg_macs"] <= summary["target_macs"])
+    saved = torch.load(run_dir / "finetuned" / "subnet.pt", weights_only=False)
+    assert saved["genome"] == summary["genome"]
