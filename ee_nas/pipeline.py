@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ee_nas.config import ConfigError
 from ee_nas.lit_module import non_finite_tensors
+from ee_nas.hardware.latency import LatencyTable
 from ee_nas.search.evaluator import SubnetEvaluator
 from ee_nas.search.genome import Genome
 from ee_nas.thresholds import evaluate_policy, oracle_policy, threshold_sweep, tune_thresholds
@@ -202,12 +203,16 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
 
 def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hardware, nas) -> dict:
     """Tune the chosen subnet's thresholds on val, report on test, sweep, write summary.json."""
-    supernet = module.supernet.to(eval_device(cfg)).eval()
+    supernet = module.supernet.eval()  # each extracted subnet goes to the evaluation device
+    latency = nas.latency if nas is not None else LatencyTable.from_profile(supernet, hardware,
+                                                                             measure=cfg.thresholds.measure)
+    if latency is not None and nas is None:
+        latency.measure_all()
     evaluator = SubnetEvaluator(supernet, datamodule, measure=cfg.thresholds.measure,
                                 calibration_samples=cfg.evaluation.calibration_samples, device=eval_device(cfg),
-                                max_candidates=cfg.thresholds.max_candidates)
+                                max_candidates=cfg.thresholds.max_candidates, hardware=hardware, latency=latency)
     ref = evaluator.reference_macs
-    target = hardware.target(ref)
+    target = hardware.target(evaluator.reference_cost)  # in the objective's unit (MACs, or ms)
     if cfg.get("arch"):
         genome = supernet.space.validate(Genome.load(cfg.arch))
         genome.save(run_dir / "arch.yaml")
@@ -218,9 +223,11 @@ def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hard
     out = evaluator.outputs(genome, ("val", "test"), net=net)
     val, test = out["val"], out["test"]
     costs = evaluator.costs.costs(genome)
-    cum = costs.cum_macs
-    policy = tune_thresholds(val.conf, val.correct, cum, target, max_candidates=cfg.thresholds.max_candidates)
-    tested = evaluate_policy(test.conf, test.correct, cum, policy.thresholds, target).to_dict()
+    cum, cum_cost = costs.cum_macs, evaluator.cum_cost(genome)
+    policy = tune_thresholds(val.conf, val.correct, cum_cost, target, max_candidates=cfg.thresholds.max_candidates)
+    tested = evaluate_policy(test.conf, test.correct, cum, policy.thresholds).to_dict()
+    test_cost = evaluate_policy(test.conf, test.correct, cum_cost, policy.thresholds).avg_macs
+    val_macs = float(policy.exit_rates @ cum)
     sweep = threshold_sweep(val.conf, val.correct, test.conf, test.correct, cum,
                             n_points=cfg.thresholds.sweep_points, max_candidates=cfg.thresholds.max_candidates)
     atomic_write_json(run_dir / "threshold_sweep.json", sweep)
@@ -238,10 +245,11 @@ def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hard
         "hardware": hardware.name,
         "test_acc": tested["accuracy"], "final_exit_test_acc": float(test.correct[:, -1].mean()),
         "val_acc": policy.accuracy, "final_exit_val_acc": float(val.correct[:, -1].mean()),
-        "avg_macs": tested["avg_macs"], "val_avg_macs": policy.avg_macs,
+        "avg_macs": tested["avg_macs"], "val_avg_macs": val_macs,
         "backbone_macs": costs.backbone_macs, "reference_macs": ref,
-        "relative_macs": tested["avg_macs"] / ref, "target_macs": target,
-        "meets_target": target is None or tested["avg_macs"] <= target, "val_meets_target": policy.feasible,
+        "relative_macs": tested["avg_macs"] / ref, "objective": hardware.objective,
+        "target_macs": target if hardware.objective == "macs" else None,
+        "meets_target": target is None or test_cost <= target, "val_meets_target": policy.feasible,
         "cum_macs": cum.tolist(), "params": costs.params, "n_exits": genome.n_exits, "taps": list(genome.taps),
         "exit_rates": tested["exit_rates"], "exit_accs": tested["exit_accs"], "thresholds": tested["thresholds"],
         "measure": cfg.thresholds.measure,
@@ -250,5 +258,9 @@ def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hard
         "n_evaluated": search["n_evaluated"], "hypervolume": search["hypervolume"],
         "genome": genome.to_dict(),
     }
+    if latency is not None:  # measured on this machine at batch size 1 (hardware.lut_threads threads)
+        cum_ms = latency.predict(genome)
+        summary.update(cum_latency_ms=cum_ms.tolist(), avg_latency_ms=float(np.asarray(tested["exit_rates"]) @ cum_ms),
+                       target_latency_ms=target if hardware.objective == "latency" else None)
     atomic_write_json(run_dir / "summary.json", summary)
     return summary

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 
+from ee_nas.hardware.latency import LatencyTable
 from ee_nas.search.archive import Archive, hypervolume, pareto_front
 from ee_nas.search.evaluator import SubnetEvaluator
 from ee_nas.search.evolution import choose, evaluate_cached, search
@@ -38,16 +39,21 @@ class EvolutionaryNASCallback(L.Callback):
         self.measure, self.max_candidates = measure, max_candidates
         self.calibration_samples, self.device = calibration_samples, device
         self.result: dict | None = None
+        self.latency = None  # the latency table, when the hardware profile has one
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.global_rank != 0:
             return
         started = time.perf_counter()
         supernet = pl_module.supernet
+        self.latency = LatencyTable.from_profile(supernet, self.hardware, measure=self.measure)
+        if self.latency is not None:  # time every component once (cached per machine)
+            self.latency.measure_all()
         evaluator = SubnetEvaluator(supernet, trainer.datamodule, measure=self.measure,
                                     calibration_samples=self.calibration_samples, device=self.device,
-                                    max_candidates=self.max_candidates)
-        ref = evaluator.reference_macs
+                                    max_candidates=self.max_candidates, hardware=self.hardware,
+                                    latency=self.latency)
+        ref = evaluator.reference_cost  # in the objective's unit (MACs, or ms)
         target = self.hardware.target(ref)
         space = supernet.space
         archive = Archive(self.run_dir / "archive.json")
@@ -67,7 +73,7 @@ class EvolutionaryNASCallback(L.Callback):
                 front = surrogate_search(space, lambda g: evaluator.score(g, target), archive, self.predictor,
                                          pop_size=self.pop_size, n_iterations=self.n_generations,
                                          n_per_iteration=self.n_per_iteration, seed=self.seed, reference_macs=ref,
-                                         target=target, cost_fn=lambda g: evaluator.costs.costs(g).cum_macs,
+                                         target=target, cost_fn=evaluator.cum_cost,
                                          crossover_prob=self.crossover_prob, mutation_prob=self.mutation_prob,
                                          on_generation=on_generation)
             else:
@@ -80,12 +86,13 @@ class EvolutionaryNASCallback(L.Callback):
             ok = archive.evaluated()
             if not ok:
                 raise RuntimeError(f"every candidate failed; see the errors in {archive.path}")
-            chosen = min(ok, key=lambda r: r["avg_macs"])
-            log.warning("no candidate meets the target of %.3g avg MACs; choosing the cheapest (%.3g)",
-                        target, chosen["avg_macs"])
+            chosen = min(ok, key=lambda r: r.get("avg_cost", r["avg_macs"]))
+            log.warning("no candidate meets the target of %.3g %s; choosing the cheapest (%.3g)",
+                        target, self.hardware.unit, chosen.get("avg_cost", chosen["avg_macs"]))
         genome = Genome.from_dict(chosen["genome"])
         genome.save(self.run_dir / "arch.yaml")
-        self.result = {"genome": genome, "front": front, "chosen": chosen, "reference_macs": ref, "target": target,
+        self.result = {"genome": genome, "front": front, "chosen": chosen, "reference_cost": ref, "target": target,
+                       "unit": self.hardware.unit,
                        "n_evaluated": len(archive), "hypervolume": hypervolume(archive.evaluated(), ref),
                        "records": archive.evaluated(), "search_space": space.name,
                        "algorithm": "none" if space.is_fixed else self.algorithm,

@@ -64,6 +64,10 @@ class SubnetEvaluator:
                                      logits, labels)
         return out
 
+    def cum_cost(self, genome) -> np.ndarray:
+        """Per-exit cumulative cost in the objective's unit: MACs, or ms from the latency table."""
+        return self.latency.predict(genome) if self.by_latency else self.costs.costs(genome).cum_macs
+
     def score(self, genome, target: float | None) -> dict:
         """Validation accuracy after per-candidate threshold tuning, its avg cost and the hardware caps.
 
@@ -71,7 +75,7 @@ class SubnetEvaluator:
         objective); avg_macs is always reported from the same exit rates.
         """
         costs = self.costs.costs(genome)
-        cum_cost = self.latency.predict(genome) if self.by_latency else costs.cum_macs
+        cum_cost = self.latency.predict(genome) if self.by_latency else costs.cum_macs  # = cum_cost(genome)
         val = self.outputs(genome, ("val",))["val"]
         policy = tune_thresholds(val.conf, val.correct, cum_cost, target, max_candidates=self.max_candidates)
         p = policy.to_dict()
