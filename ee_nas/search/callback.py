@@ -95,7 +95,8 @@ class EvolutionaryNASCallback(L.Callback):
                        "unit": self.hardware.unit,
                        "n_evaluated": len(archive), "hypervolume": hypervolume(archive.evaluated(), ref),
                        "records": archive.evaluated(), "search_space": space.name,
-                       "algorithm": "none" if space.is_fixed else self.algorithm,
+                       "algorithm": ("none" if space.is_fixed else f"surrogate-{self.predictor.name}"
+                                     if self.predictor is not None else self.algorithm),
                        "search_seconds": time.perf_counter() - started}
         write_front(self.run_dir, self.result)
 

@@ -165,7 +165,7 @@ def _fit(predictor: Predictor, space, train: list[dict], cum_macs, reference_mac
     X = np.array([space.encode(Genome.from_dict(r["genome"])) for r in train])
     acc = predictor.clone().fit(X, [r["val_acc"] for r in train])
     if cum_macs is None:
-        return acc, predictor.clone().fit(X, [r["avg_macs"] / reference_macs for r in train])
+        return acc, predictor.clone().fit(X, [r.get("avg_cost", r["avg_macs"]) / reference_macs for r in train])
     rows, y = [], []
     for i, r in enumerate(train):
         lo, hi = _mac_range(cum_macs(Genome.from_dict(r["genome"])), target)

@@ -212,6 +212,9 @@ def tune_thresholds(conf, correct, cum_macs, target: float | None, *, lam: float
     cum_macs = as_numpy(cum_macs, np.float64)
     if conf.ndim != 2 or conf.shape != correct.shape or cum_macs.shape != (conf.shape[1],):
         raise ValueError(f"shape mismatch: conf {conf.shape}, correct {correct.shape}, cum_macs {cum_macs.shape}")
+    if not np.isfinite(conf).all():
+        raise ValueError(f"{int((~np.isfinite(conf)).sum())} confidences are NaN/inf: the network's outputs "
+                         "diverged (check its training); thresholds cannot be tuned on them")
     n, k = conf.shape
     pb = _Problem(conf, correct, cum_macs, max_candidates)
     cheap = [0] * (k - 1)  # lowest observed confidence: everyone leaves at exit 1
