@@ -56,7 +56,7 @@ def _terminate(signum, frame) -> None:
     """SIGTERM outside supernet training (setup, search, report): stop now; artifacts are written
     atomically, so the rerun resumes from the last checkpoint and archive.json. While training,
     Lightning's handler runs first and stops after the current batch (this one then stays quiet)."""
-    from ee_nas.pipeline import RunInterrupted
+    from ee_nas.checkpointing import RunInterrupted
 
     if signal.getsignal(signal.SIGTERM) is _terminate:
         raise RunInterrupted(signum)
@@ -67,7 +67,7 @@ def user_error(err: BaseException, cfg: DictConfig) -> tuple[int | None, str]:
     from ee_nas.config import ConfigError
     from ee_nas.data import DataError
     from ee_nas.lit_module import NonFiniteLossError
-    from ee_nas.pipeline import RunInterrupted
+    from ee_nas.checkpointing import RunInterrupted
 
     try:
         run_dir = cfg.paths.run_dir
@@ -130,8 +130,9 @@ def run(cfg: DictConfig) -> dict:
     from ee_nas.logging_utils import finish_loggers, log_final, make_loggers
     from ee_nas.lit_module import MultiExitModule
     from ee_nas.models.multi_exit import MultiExitSupernet
-    from ee_nas.pipeline import (AtomicCheckpointIO, RunInterrupted, claim_run_dir, evaluate_and_report,
-                                 make_callbacks, resume_checkpoint)
+    from ee_nas.checkpointing import AtomicCheckpointIO, RunInterrupted, resume_checkpoint
+    from ee_nas.pipeline import evaluate_and_report, make_callbacks
+    from ee_nas.run_dir import claim_run_dir
     from ee_nas.utils import remove_stale_temp_files
 
     run_dir = Path(cfg.paths.run_dir)

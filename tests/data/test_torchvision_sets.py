@@ -1,10 +1,8 @@
 """Wiring of the torchvision sources on tiny fake files in torchvision's on-disk format (no download)."""
-import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.io
 import torch
 import torchvision.datasets.cifar
 import torchvision.datasets.svhn

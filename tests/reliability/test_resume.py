@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from ee_nas.pipeline import RUN_CONFIG, RunDirError, claim_run_dir
+from ee_nas.run_dir import RUN_CONFIG, RunDirError, claim_run_dir
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 

@@ -1,0 +1,76 @@
+"""The run directory: one config per directory; a rerun of the same config resumes, a different one is refused."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ee_nas.config import ConfigError
+from ee_nas.utils import atomic_write_json
+
+RUN_CONFIG = "run_config.json"
+#: keys that change how a run is executed or logged, not its results: a rerun may change them
+#: (data.root: where the data lies, e.g. a node-local copy on a cluster)
+RESUME_IRRELEVANT = ("paths", "logger", "name", "resume", "evaluation.device", "data.root", "data.num_workers",
+                     "data.pin_memory", "data.download", "trainer.enable_progress_bar",
+                     "trainer.enable_model_summary", "trainer.log_every_n_steps")
+RESULTS = ("summary.json", "archive.json", "checkpoints/last.ckpt")
+
+
+class RunDirError(ConfigError):
+    """The run directory holds results this run must not overwrite."""
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, val in node.items() for k, v in _flatten(val, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def run_config(cfg: DictConfig) -> dict:
+    """The resolved config minus `RESUME_IRRELEVANT`: what decides a run's results."""
+    out = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+           for k in cfg if k not in RESUME_IRRELEVANT}
+    for key in RESUME_IRRELEVANT:
+        group, _, leaf = key.partition(".")
+        if leaf and isinstance(out.get(group), dict):
+            out[group].pop(leaf, None)
+    return out
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def claim_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse to mix a different config's results into `run_dir`; record this run's config there.
+
+    Rerunning the same config in the same directory resumes (a finished run is re-reported
+    cheaply: training is skipped via checkpoints/last.ckpt and the search is replayed from
+    archive.json); a different config, or `resume=false`, over existing results stops here.
+    """
+    config = run_config(cfg)
+    digest = config_hash(config)
+    record = run_dir / RUN_CONFIG
+    results = [name for name in RESULTS if (run_dir / name).exists()]
+    if record.exists():
+        old = json.loads(record.read_text())
+        if old["config_hash"] != digest and results:
+            old_flat, new_flat = _flatten(old["config"]), _flatten(json.loads(json.dumps(config, default=str)))
+            diff = [f"{k}: {old_flat.get(k, '<unset>')!r} -> {new_flat.get(k, '<unset>')!r}"
+                    for k in sorted(set(old_flat) | set(new_flat)) if old_flat.get(k) != new_flat.get(k)]
+            raise RunDirError(
+                f"run directory {run_dir} holds a run with a different config ({'; '.join(diff[:5])}"
+                f"{'; ...' if len(diff) > 5 else ''}); its results are kept. Rerun with the same config to "
+                f"resume it, or choose a new directory (hydra.run.dir=...)")
+    elif results:
+        raise RunDirError(f"run directory {run_dir} holds results ({', '.join(results)}) but no {RUN_CONFIG}, "
+                          f"so this config cannot be checked against them; they are kept. Choose a new "
+                          f"directory (hydra.run.dir=...)")
+    if results and not cfg.get("resume", True):
+        raise RunDirError(f"resume=false would overwrite the results in {run_dir} ({', '.join(results)}); "
+                          f"choose a new directory (hydra.run.dir=...) or drop resume=false to resume")
+    if not record.exists() or not results:  # a run that stopped before any result may change its config
+        atomic_write_json(record, {"config_hash": digest, "config": config})
