@@ -96,8 +96,8 @@ def bench_exhaustive():
 
 
 def bench_run_dir(run_dir: Path, n_points=10, measure="max_softmax"):
-    """PLACEHOLDER for the real digits run: the lead writes DIR/val_logits.npz with
-    logits [N,K,C], labels [N], cum_macs [K]; reports tuned-vs-oracle accuracy gap."""
+    """Tuned-vs-oracle accuracy gap on a real run: `python -m ee_nas.run` writes DIR/val_logits.npz
+    (the chosen subnet's validation logits [N,K,C], labels [N], cum_macs [K])."""
     d = np.load(run_dir / "val_logits.npz")
     logits, labels, cum = d["logits"], d["labels"], d["cum_macs"].astype(float)
     correct = logits.argmax(-1) == labels[:, None]
@@ -143,7 +143,7 @@ def to_markdown(res):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", type=Path, help="PLACEHOLDER: run directory holding val_logits.npz")
+    ap.add_argument("--run-dir", type=Path, help="a run directory (holds val_logits.npz, written by python -m ee_nas.run)")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     res = {"machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
