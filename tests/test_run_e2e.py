@@ -75,3 +75,27 @@ def test_fixed_arch_reuses_a_saved_genome(search_run, tmp_path):
     again = run_pipeline(tmp_path, f"arch={run_dir / 'arch.yaml'}", "logger=csv")
     assert again["genome"] == summary["genome"]
     assert again["n_evaluated"] == 0
+
+
+def test_latency_objective_searches_on_measured_latency(tmp_path, monkeypatch):
+    """hardware=local_cpu: the LUT is measured, the search and thresholds use avg latency against its target."""
+    monkeypatch.setenv("EE_NAS_CACHE", str(tmp_path / "cache"))
+    summary = run_pipeline(tmp_path / "run", "hardware=local_cpu", "logger=csv")
+    assert summary["objective"] == "latency" and summary["target_macs"] is None
+    assert summary["avg_latency_ms"] > 0 and len(summary["cum_latency_ms"]) == summary["n_exits"]
+    front = json.loads((tmp_path / "run" / "pareto_front.json").read_text())
+    assert front["unit"] == "ms"
+    target = summary["target_latency_ms"]
+    assert all(r["avg_cost"] <= target * (1 + 1e-9) for r in front["front"])
+    assert list((tmp_path / "cache").glob("latency_lut_*.json")), "the measured table is cached"
+
+
+def test_checkpoint_after_validation_holds_only_the_supernet(tmp_path):
+    """The validation copy of the largest subnet must stay out of checkpoints, or a resume fails to load."""
+    import torch
+
+    run_pipeline(tmp_path, "trainer.check_val_every_n_epoch=1", "logger=csv")
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert state and not [k for k in state if k.startswith("_val_net")]
+    again = run_pipeline(tmp_path, "trainer.check_val_every_n_epoch=1", "logger=csv")  # resumes from it
+    assert again["test_acc"] == json.loads((tmp_path / "summary.json").read_text())["test_acc"]
