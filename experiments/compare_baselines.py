@@ -25,8 +25,10 @@ METHODS = {  # name -> overrides
     "aebnas": ["search_space=aebnas", "search=nsga2"],
     "random": ["search_space=aebnas", "search=random"],
     "placement_only": ["search_space=placement_only", "search=nsga2"],
-    "fixed": ["search_space=fixed"],
-    "static": ["search_space=static"],
+    # hand-placed exits on the largest backbone, and the backbone alone, cannot meet a tight target
+    # (the run refuses such a config): they run unconstrained and the table shows what they cost
+    "fixed": ["search_space=fixed", "hardware=unconstrained"],
+    "static": ["search_space=static", "hardware=unconstrained"],
 }
 
 

@@ -7,30 +7,13 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from fake_data import write_fake
+from inprocess import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 sys.path.insert(0, str(ROOT / "experiments"))
-
-
-def run_in_process(run_dir: Path, *overrides: str) -> dict:
-    """What `python -m ee_nas.run` does, in this process (debug presets merged last, as in main)."""
-    from ee_nas.config import apply_debug, validate
-    from ee_nas.run import run
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        cfg = apply_debug(cfg)
-        validate(cfg)
-        return run(cfg)
 
 
 @pytest.mark.parametrize("name", ["svhn", "cifar10", "cifar100"])

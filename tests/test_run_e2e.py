@@ -3,26 +3,14 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from inprocess import run_in_process
 
 FAST = ["trainer.max_epochs=1", "search.pop_size=4", "search.n_generations=2",
         "evaluation.calibration_samples=128", "thresholds.sweep_points=4", "trainer.enable_progress_bar=false"]
 
 
 def run_pipeline(run_dir: Path, *overrides: str) -> dict:
-    from ee_nas.run import run
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[*FAST, *overrides], return_hydra_config=True)
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]  # as @hydra.main hands it to the task
-        return run(cfg)
+    return run_in_process(run_dir, *FAST, *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from inprocess import run_in_process
 
 from ee_nas.select import knee_distances, parse_key_values, select
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 # -- ranking on a fake archive ------------------------------------------------------------------------
@@ -81,18 +77,7 @@ FAST = ["trainer.max_epochs=2", "search.pop_size=4", "search.n_generations=2", "
 
 
 def run_pipeline(run_dir: Path, *overrides: str) -> dict:
-    """In-process `python -m ee_nas.run`, with the .hydra/config.yaml that select and finetune read back."""
-    from ee_nas.run import run
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[*FAST, *overrides], return_hydra_config=True)
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-        (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        return run(cfg)
+    return run_in_process(run_dir, *FAST, *overrides, save_config=True)
 
 
 @pytest.fixture(scope="module")

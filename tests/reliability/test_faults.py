@@ -3,29 +3,14 @@ checkpoint; non-finite weights are never saved; a candidate whose evaluation fai
 goes on; an interrupted write never replaces a file with half of one."""
 import csv
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from inprocess import compose_run
 
 from ee_nas.lit_module import MultiExitModule, NonFiniteLossError, non_finite_tensors
 from ee_nas.utils import atomic_write_text
-
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-def compose_run(run_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = str(run_dir)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]  # as @hydra.main hands it to the task
-    return cfg
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(cli, tmp_path, monkeypatch):
