@@ -15,7 +15,8 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
     loggers = []
     if cfg.logger.get("csv", True):
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+        # a version folder per (re)start: Lightning empties an existing one, so a resumed run keeps its old log
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv"))
     wb = cfg.logger.get("wandb") or {}
     if wb.get("enabled", False):
         mode = wb.get("mode", "auto")
