@@ -81,9 +81,3 @@ class ElasticBranch(nn.Module):
             modules.append(slot.extract(ch, layer))
             ch = layer.width or ch
         return nn.Sequential(*modules, nn.AdaptiveAvgPool2d(1), nn.Flatten(), self.classifier.extract(ch))
-
-
-def branch_out_channels(in_ch: int, layers: Sequence[BranchLayer]) -> int:
-    for layer in layers:
-        in_ch = layer.width or in_ch
-    return in_ch
