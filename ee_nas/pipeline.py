@@ -24,6 +24,12 @@ def eval_device(cfg: DictConfig) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
+def save_subnet(path: Path, genome: Genome, net, thresholds, measure: str) -> Path:
+    """`subnet.pt`: the static subnet's weights with its genome and exit policy (written atomically)."""
+    return atomic_write(path, lambda f: torch.save({"genome": genome.to_dict(), "state_dict": net.state_dict(),
+                                                    "thresholds": thresholds, "measure": measure}, f), binary=True)
+
+
 def make_callbacks(cfg: DictConfig, run_dir: Path, hardware) -> tuple[list, object | None]:
     """Checkpointing, plus the NAS callback unless the user fixed the architecture with +arch."""
     callbacks = [LastCheckpoint(run_dir / "checkpoints")]
@@ -74,9 +80,7 @@ def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hard
     plot_threshold_sweep(sweep, run_dir / "threshold_sweep.png")
     atomic_write(run_dir / "val_logits.npz", lambda f: np.savez_compressed(
         f, logits=val.logits, labels=val.labels, cum_macs=cum), binary=True)
-    atomic_write(run_dir / "subnet.pt", lambda f: torch.save(
-        {"genome": genome.to_dict(), "state_dict": net.state_dict(), "thresholds": policy.thresholds,
-         "measure": cfg.thresholds.measure}, f), binary=True)
+    save_subnet(run_dir / "subnet.pt", genome, net, policy.thresholds, cfg.thresholds.measure)
     oracle = oracle_policy(test.correct, cum)
     summary = {
         "dataset": datamodule.name, "seed": int(cfg.seed), "search_space": supernet.space.name,

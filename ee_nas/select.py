@@ -104,7 +104,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     from omegaconf import OmegaConf, open_dict
 
     from ee_nas.config import apply_debug
-    from ee_nas.models.multi_exit import MultiExitSupernet
+    from ee_nas.inference.runtime import build_supernet
     from ee_nas.pipeline import eval_device
     from ee_nas.search.evaluator import SubnetEvaluator
 
@@ -121,10 +121,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
             cfg.evaluation.device = device
     datamodule = instantiate(cfg.data)
     datamodule.setup()
-    backbone = instantiate(cfg.backbone, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes,
-                           image_size=datamodule.image_size)
-    space = instantiate(cfg.search_space, backbone=backbone)
-    supernet = MultiExitSupernet(backbone, space)
+    supernet = build_supernet(cfg, datamodule.in_channels, datamodule.num_classes)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     supernet.load_state_dict({k[len("supernet."):]: v for k, v in state.items() if k.startswith("supernet.")})
     dev = eval_device(cfg)
@@ -161,18 +158,9 @@ def evaluate_subnet(run: LoadedRun, genome: Genome, net) -> dict:
     }
 
 
-def save_subnet(path: Path, genome: Genome, net, thresholds, measure: str) -> Path:
-    """subnet.pt in the format `ee_nas.pipeline` writes."""
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"genome": genome.to_dict(), "state_dict": net.state_dict(), "thresholds": thresholds,
-                "measure": measure}, path)
-    return path
-
-
 def export_selection(run: LoadedRun, picks: list[dict], prefer: str) -> list[dict]:
     """Write selected/<rank>_<prefer>/{arch.yaml,subnet.pt}; returns one report row per pick."""
+    from ee_nas.pipeline import save_subnet
     from ee_nas.utils import atomic_write_json
 
     rows = []
