@@ -1,0 +1,5 @@
+"""ee_nas: hardware-aware evolutionary NAS for early-exit networks (AEBNAS, arXiv 2512.10671)."""
+from pathlib import Path
+
+# the Hydra config tree ships inside the package, so a non-editable install finds it from any folder
+CONF_DIR = Path(__file__).resolve().parent / "conf"

@@ -349,7 +349,7 @@ def _check_backbone(cfg: DictConfig) -> None:
 
 
 def _check_search_space(cfg: DictConfig) -> None:
-    from ee_nas.search.genome import BRANCH_OPS
+    from ee_nas.genome import BRANCH_OPS
 
     s = _check_target(cfg, "search_space")
     taps = s.get("exit_taps", "all")

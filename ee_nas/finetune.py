@@ -26,7 +26,7 @@ import torch
 
 from ee_nas.lit_module import MultiExitModule, NonFiniteLossError
 from ee_nas.models.bn import recalibrate_bn
-from ee_nas.search.genome import Genome
+from ee_nas.genome import Genome
 from ee_nas.pipeline import save_subnet
 from ee_nas.select import evaluate_subnet, load_run, parse_key_values
 

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from ee_nas.checkpointing import LastCheckpoint
 from ee_nas.hardware.latency import LatencyTable
 from ee_nas.search.evaluator import SubnetEvaluator
-from ee_nas.search.genome import Genome
+from ee_nas.genome import Genome
 from ee_nas.thresholds import evaluate_policy, oracle_policy, threshold_sweep, tune_thresholds
 from ee_nas.utils import atomic_write, atomic_write_json
 

@@ -28,7 +28,7 @@ def configure_wandb_env() -> None:
     os.environ.setdefault("WANDB_CONSOLE", "off")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from ee_nas.config import apply_debug, validate
 

@@ -31,7 +31,7 @@ import numpy as np
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
 from ee_nas.search.archive import Archive
-from ee_nas.search.genome import Genome
+from ee_nas.genome import Genome
 
 log = logging.getLogger(__name__)
 

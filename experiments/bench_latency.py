@@ -39,7 +39,7 @@ from ee_nas.hardware.latency import CLOCKS, LatencyTable, cpu_model, time_call  
 from ee_nas.hardware.macs import CostModel  # noqa: E402
 from ee_nas.inference.export import ExportedRuntime, export_net  # noqa: E402
 from ee_nas.inference.runtime import EarlyExitRuntime, load_run, load_supernet  # noqa: E402
-from ee_nas.search.genome import Genome  # noqa: E402
+from ee_nas.genome import Genome  # noqa: E402
 from ee_nas.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ee_nas.search.archive import Archive, hypervolume  # noqa: E402
 from ee_nas.search.evolution import search  # noqa: E402
-from ee_nas.search.genome import Genome  # noqa: E402
+from ee_nas.genome import Genome  # noqa: E402
 from ee_nas.search.predictors import kendall_tau, make_predictor  # noqa: E402
 from ee_nas.search.surrogate import surrogate_search  # noqa: E402
 from ee_nas.select import load_run  # noqa: E402

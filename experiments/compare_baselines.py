@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from aggregate import aggregate, markdown  # noqa: E402
+from ee_nas import CONF_DIR
 
 METHODS = {  # name -> overrides
     "aebnas": ["search_space=aebnas", "search=nsga2"],
@@ -32,7 +33,7 @@ METHODS = {  # name -> overrides
 }
 
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_DIR
 
 
 def common(seed: int, overrides: list[str]) -> list[str]:

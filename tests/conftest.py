@@ -6,12 +6,13 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from ee_nas import CONF_DIR
 
 # one thread: the test models are tiny, and with 2 threads on 2 shared cores every op waits on
 # thread sync (measured: a 16ch 32x32 conv 23 ms with 2 threads under load vs 0.1 ms with 1)
 torch.set_num_threads(1)
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_DIR
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # shared helpers such as fake_data.py
 
 

@@ -12,7 +12,7 @@ from fake_data import write_fake
 from inprocess import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+from ee_nas import CONF_DIR as CONF
 sys.path.insert(0, str(ROOT / "experiments"))
 
 

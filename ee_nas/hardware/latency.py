@@ -474,7 +474,7 @@ class LatencyTable:
         return self.n_measured - before
 
     def _layer_designs(self) -> list:
-        from ee_nas.search.genome import POOL_OPS, BranchLayer
+        from ee_nas.genome import POOL_OPS, BranchLayer
 
         space = self.supernet.space
         return [BranchLayer(op, 0) if op in POOL_OPS else BranchLayer(op, w)

@@ -227,7 +227,7 @@ class EarlyExitRuntime(_ExitRule):
 class LoadedRun:
     run_dir: Path
     cfg: object                       # the run's composed config (.hydra/config.yaml)
-    genome: object                    # ee_nas.search.genome.Genome
+    genome: object                    # ee_nas.genome.Genome
     net: nn.Module                    # static MultiExitNet with the saved (BN-recalibrated) weights
     thresholds: np.ndarray
     measure: str
@@ -278,7 +278,7 @@ def _saved_subnet(run_dir: Path) -> tuple[dict, int]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the run in {run_dir} did not finish (no chosen subnet)")
     saved = torch.load(path, map_location="cpu", weights_only=False)
-    from ee_nas.search.genome import Genome
+    from ee_nas.genome import Genome
 
     return saved, Genome.from_dict(saved["genome"]).n_exits
 
@@ -294,7 +294,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
-    from ee_nas.search.genome import Genome
+    from ee_nas.genome import Genome
 
     run_dir = Path(run_dir)
     cfg = _run_config(run_dir)

@@ -67,7 +67,7 @@ class ElasticBackbone(nn.Module):
 
     def _record_tap_shapes(self) -> None:
         """Spatial size at every tap, from a dry run of the largest backbone."""
-        from ee_nas.search.genome import Genome
+        from ee_nas.genome import Genome
 
         largest = Genome(self.stage_depths, [self.expand_choices[-1]] * self.n_blocks,
                          [self.kernel_choices[-1]] * self.n_blocks)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ee_nas.models.ops import ElasticConvBNAct, ElasticLinear, ElasticMBConv
-from ee_nas.search.genome import CONV_OPS, BranchLayer
+from ee_nas.genome import CONV_OPS, BranchLayer
 
 MBCONV_EXPAND = {"mbconv3": 3, "mbconv6": 6}
 

@@ -18,7 +18,7 @@ from ee_nas.hardware.latency import LatencyTable
 from ee_nas.search.archive import Archive, hypervolume, pareto_front
 from ee_nas.search.evaluator import SubnetEvaluator
 from ee_nas.search.evolution import choose, evaluate_cached, search
-from ee_nas.search.genome import Genome
+from ee_nas.genome import Genome
 from ee_nas.search.report import write_front
 from ee_nas.utils import atomic_write
 

@@ -37,7 +37,7 @@ from sklearn.neural_network import MLPRegressor
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from ee_nas.search.genome import POOL_OPS
+from ee_nas.genome import POOL_OPS
 
 KINDS = ("none", "mlp", "rbf", "trees")
 FEATURES = ("onehot", "normalized")

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ee_nas.search.genome import BRANCH_OPS, POOL_OPS, BranchLayer, ExitBranch, Genome
+from ee_nas.genome import BRANCH_OPS, POOL_OPS, BranchLayer, ExitBranch, Genome
 
 # from the most to the least expensive; "largest"/"smallest" subnets for the sandwich rule use it
 OP_COST_ORDER = ("mbconv6", "mbconv3", "conv3x3", "dwsep3x3", "avgpool", "maxpool")

@@ -51,7 +51,7 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from ee_nas.search.archive import Archive, pareto_front
 from ee_nas.search.evolution import (GenomeCrossover, GenomeDuplicates, GenomeMutation, _penalized_objectives,
                                      _violation, evaluate_cached, generation_stats)
-from ee_nas.search.genome import Genome
+from ee_nas.genome import Genome
 from ee_nas.search.predictors import Predictor, kendall_tau
 
 log = logging.getLogger(__name__)

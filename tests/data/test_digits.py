@@ -7,8 +7,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ee_nas.data import DataError, DigitsDataModule
+from ee_nas import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "data" / "digits.yaml"
+CONF = CONF_DIR / "data" / "digits.yaml"
 
 
 def make(**kw):

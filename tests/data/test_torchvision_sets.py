@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 from fake_data import write_cifar, write_svhn  # noqa: F401  (tests/ is on sys.path via conftest)
 
 from ee_nas.data import CIFAR10DataModule, CIFAR100DataModule, DataError, SVHNDataModule
+from ee_nas import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "data"
+CONF = CONF_DIR / "data"
 
 
 CASES = {

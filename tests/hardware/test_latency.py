@@ -10,7 +10,7 @@ from ee_nas.hardware.latency import (LatencyTable, LatencyTableMismatch, avg_lat
 from ee_nas.hardware.macs import CostModel, module_macs
 from ee_nas.hardware.profile import HardwareProfile
 from ee_nas.models.multi_exit import MultiExitSupernet
-from ee_nas.search.genome import BranchLayer, ExitBranch, Genome
+from ee_nas.genome import BranchLayer, ExitBranch, Genome
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ee_nas.hardware.profile import FIELDS, OBJECTIVES, HardwareProfile, make_profile
+from ee_nas import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "hardware"
+CONF = CONF_DIR / "hardware"
 
 
 def test_macs_targets_and_energy_keep_their_behaviour():

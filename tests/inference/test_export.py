@@ -13,7 +13,7 @@ from ee_nas.infer import main as infer_main
 from ee_nas.inference.export import ExportedRuntime, export_net, export_run
 from ee_nas.inference.runtime import EarlyExitRuntime
 from ee_nas.models.multi_exit import MultiExitSupernet
-from ee_nas.search.genome import BranchLayer, ExitBranch, Genome
+from ee_nas.genome import BranchLayer, ExitBranch, Genome
 from ee_nas.thresholds.confidence import confidence
 
 GENOME = Genome(depths=(1, 1, 2, 2), expands=(2.0, 4.0, 4.0, 2.0, 3.0, 4.0, 2.0, 3.0), kernels=(5, 3) * 4,

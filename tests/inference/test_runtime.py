@@ -8,7 +8,7 @@ from torch import nn
 
 from ee_nas.inference.runtime import EarlyExitRuntime, load_run, normalize_thresholds, row_confidence
 from ee_nas.models.multi_exit import MultiExitSupernet
-from ee_nas.search.genome import BranchLayer, ExitBranch, Genome
+from ee_nas.genome import BranchLayer, ExitBranch, Genome
 from ee_nas.thresholds.confidence import confidence
 from ee_nas.thresholds.tuner import exit_indices
 

@@ -7,7 +7,7 @@ from torch import nn
 from ee_nas.models.bn import recalibrate_bn
 from ee_nas.models.multi_exit import MultiExitNet, MultiExitSupernet
 from ee_nas.models.ops import SqueezeExcite
-from ee_nas.search.genome import BRANCH_OPS, BranchLayer, ExitBranch, Genome
+from ee_nas.genome import BRANCH_OPS, BranchLayer, ExitBranch, Genome
 
 
 def randomize(net: nn.Module, seed: int = 0) -> nn.Module:

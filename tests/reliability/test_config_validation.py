@@ -5,8 +5,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from ee_nas.config import ConfigError, apply_debug, validate, validate_built
+from ee_nas import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = CONF_DIR
 
 
 def compose_cfg(*overrides: str):

@@ -13,8 +13,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from ee_nas.run_dir import RUN_CONFIG, RunDirError, claim_run_dir
+from ee_nas import CONF_DIR
 
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
+CONF = str(CONF_DIR)
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(cli, reference_run, tmp_path):

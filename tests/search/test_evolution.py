@@ -10,7 +10,7 @@ from ee_nas.hardware.macs import avg_macs, cum_macs
 from ee_nas.search import evolution
 from ee_nas.search.archive import Archive, hypervolume, objectives, pareto_front
 from ee_nas.search.evolution import choose, search
-from ee_nas.search.genome import Genome
+from ee_nas.genome import Genome
 
 OP_COST = {"conv3x3": 9.0, "dwsep3x3": 2.0, "mbconv3": 4.0, "mbconv6": 7.0, "avgpool": 0.2, "maxpool": 0.2}
 OP_SKILL = {"conv3x3": 1.0, "dwsep3x3": 0.7, "mbconv3": 0.8, "mbconv6": 1.0, "avgpool": 0.1, "maxpool": 0.15}

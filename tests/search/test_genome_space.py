@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from ee_nas.search.genome import BRANCH_OPS, POOL_OPS, BranchLayer, ExitBranch, Genome
+from ee_nas.genome import BRANCH_OPS, POOL_OPS, BranchLayer, ExitBranch, Genome
 from ee_nas.search.space import SearchSpace
 
 SPACES = ("aebnas", "placement_only", "fixed")

@@ -6,10 +6,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from ee_nas.search.genome import BranchLayer, ExitBranch, Genome
+from ee_nas.genome import BranchLayer, ExitBranch, Genome
 from ee_nas.search.predictors import Predictor, kendall_tau, make_predictor
+from ee_nas import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = CONF_DIR
 
 
 @pytest.fixture(scope="module")
