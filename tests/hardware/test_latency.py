@@ -32,7 +32,7 @@ def small_supernet(make_backbone, make_space):
 
 
 class MacsTable(LatencyTable):
-    """'Latency' = ptflops MACs of the component, decisions free: must reproduce CostModel exactly."""
+    """'Latency' = MACs (module_macs) of the component, decisions free: must reproduce CostModel exactly."""
 
     def _time(self, name, module, in_shape):
         return float(module_macs(module, in_shape)[0])

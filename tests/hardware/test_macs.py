@@ -1,11 +1,13 @@
-"""MAC accounting against hand counts, and the memoized CostModel against measuring the extracted net.
+"""MAC accounting against hand counts and torchvision's published counts, and the memoized CostModel
+against measuring the extracted net.
 
-ptflops conventions used in the hand counts (pytorch backend):
-conv = Cout * (Cin/groups) * k * k * Hout * Wout (+ Cout*Hout*Wout with a bias),
-linear = in * out (+ out with a bias), adaptive/avg pooling = one op per input element.
+The field's convention (ee_nas.hardware.macs): conv = Cout * (Cin/groups) * k * k * Hout * Wout,
+linear = in * out; bias adds, BatchNorm (folded), activations, pooling, adds and products count nothing.
 """
 import numpy as np
 import pytest
+import torch
+import torchvision
 from torch import nn
 
 from ee_nas.hardware.macs import CostModel, avg_macs, module_macs, net_costs
@@ -30,6 +32,40 @@ def test_module_macs_two_convs(groups):
     assert net.training  # the training flag is restored
 
 
+class _SEResidual(nn.Module):
+    """conv (with bias) -> BN -> Hardswish -> squeeze-excite product -> residual add -> pool -> linear."""
+
+    def __init__(self, c=6, classes=5):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=True)
+        self.bn, self.act = nn.BatchNorm2d(c), nn.Hardswish()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(c, classes, bias=True)
+
+    def forward(self, x):
+        y = self.act(self.bn(self.conv(x)))
+        y = y * torch.sigmoid(y.mean((2, 3), keepdim=True)) + x
+        return self.fc(torch.flatten(torch.nn.functional.relu(self.pool(y)), 1))
+
+
+def test_module_macs_counts_only_convs_and_linears():
+    # only the 3x3 conv (6*6*9 per output position, 12x12 positions) and the linear (6*5) count
+    macs, params = module_macs(_SEResidual(), (6, 12, 12))
+    assert macs == conv_macs(6, 6, 3, 12, 12) + 6 * 5
+    assert params == (6 * 6 * 9 + 6) + 2 * 6 + (6 * 5 + 5)  # conv + bias, BN affine, linear + bias
+
+
+@pytest.mark.parametrize("name, weights", [("mobilenet_v3_large", "MobileNet_V3_Large_Weights"),
+                                           ("mobilenet_v3_small", "MobileNet_V3_Small_Weights"),
+                                           ("resnet18", "ResNet18_Weights")])
+def test_module_macs_matches_torchvision_ops(name, weights):
+    """torchvision publishes each ImageNet model's GMACs (as `_ops`, 3 decimals) in its weights enum."""
+    published = getattr(torchvision.models, weights).IMAGENET1K_V1.meta["_ops"] * 1e9
+    model = getattr(torchvision.models, name)(weights=None)
+    macs, params = module_macs(model, (3, 224, 224))
+    assert macs == pytest.approx(published, rel=0.015)
+    assert params == sum(p.numel() for p in model.parameters())
+
+
 def test_module_macs_scales_with_resolution():
     net = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False))
     small, _ = module_macs(net, (4, 8, 8))
@@ -43,8 +79,8 @@ def head(c, classes=10):
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes))
 
 
-def head_macs(c, h, classes=10):
-    return c * h * h + c * classes + classes  # pool over C*H*W inputs, linear with bias
+def head_macs(c, classes=10):
+    return c * classes  # the linear layer's multiplies; pooling and the bias add count nothing
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +91,7 @@ def hand_net():
                 nn.Conv2d(16, 32, 1, 2, 0, bias=False)]
     net = MultiExitNet(segments, [head(8), head(16), head(32)], taps=[0, 1])
     seg = [conv_macs(8, 3, 3, 16, 16), conv_macs(16, 8, 3, 8, 8), conv_macs(32, 16, 1, 4, 4)]
-    hd = [head_macs(8, 16), head_macs(16, 8), head_macs(32, 4)]
+    hd = [head_macs(8), head_macs(16), head_macs(32)]
     params = 8 * 3 * 9 + 16 * 8 * 9 + 32 * 16 + (8 * 10 + 10) + (16 * 10 + 10) + (32 * 10 + 10)
     return net, seg, hd, params
 
