@@ -107,6 +107,21 @@ class HardwareProfile:
             out.append(f"peak activation memory {memory_bytes} B > hardware.max_memory_bytes={self.max_memory_bytes}")
         return out
 
+    def cap_excess(self, params: int | None = None, memory_bytes: int | None = None) -> float:
+        """The search's cap constraint: the caps' relative excesses summed (params / max_params - 1, ...),
+        0.0 when every cap holds (or none is set)."""
+        excess = 0.0
+        for value, cap in ((params, self.max_params), (memory_bytes, self.max_memory_bytes)):
+            if cap is not None and value is not None and value > cap:
+                excess += value / cap - 1.0
+        return excess
+
+    @property
+    def caps(self) -> list[str]:
+        """The caps this profile sets, as `hardware.key=value` (empty when none)."""
+        return [f"hardware.{k}={getattr(self, k)}" for k in ("max_params", "max_memory_bytes")
+                if getattr(self, k) is not None]
+
     @classmethod
     def from_dict(cls, cfg: Mapping) -> "HardwareProfile":
         return make_profile(**dict(cfg))

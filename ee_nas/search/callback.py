@@ -17,7 +17,7 @@ import lightning as L
 from ee_nas.hardware.latency import LatencyTable
 from ee_nas.search.archive import Archive, hypervolume, pareto_front
 from ee_nas.search.evaluator import SubnetEvaluator
-from ee_nas.search.evolution import choose, evaluate_cached, search
+from ee_nas.search.evolution import cap_violation, choose, evaluate_cached, search
 from ee_nas.genome import Genome
 from ee_nas.search.report import write_front
 from ee_nas.utils import atomic_write
@@ -60,7 +60,7 @@ class EvolutionaryNASCallback(L.Callback):
         if len(archive):
             log.info("resuming the search from %s (%d candidates already evaluated)", archive.path, len(archive))
         if space.is_fixed:  # nothing to search: score the one genome the space holds
-            evaluate_cached(space.default_genome(), lambda g: evaluator.score(g, target), archive, 0)
+            evaluate_cached(space.default_genome(), lambda g: evaluator.score(g, target), archive, 0, evaluator.caps)
             archive.save()
             front = pareto_front(archive.evaluated(), ref)
         else:
@@ -75,18 +75,27 @@ class EvolutionaryNASCallback(L.Callback):
                                          n_per_iteration=self.n_per_iteration, seed=self.seed, reference_macs=ref,
                                          target=target, cost_fn=evaluator.cum_cost,
                                          crossover_prob=self.crossover_prob, mutation_prob=self.mutation_prob,
-                                         on_generation=on_generation)
+                                         on_generation=on_generation, caps=evaluator.caps)
             else:
                 front = search(space, lambda g: evaluator.score(g, target), archive, algorithm=self.algorithm,
                                pop_size=self.pop_size, n_generations=self.n_generations, seed=self.seed,
                                reference_macs=ref, target=target, crossover_prob=self.crossover_prob,
-                               mutation_prob=self.mutation_prob, on_generation=on_generation)
+                               mutation_prob=self.mutation_prob, on_generation=on_generation,
+                               caps=evaluator.caps)
         chosen = choose(front)
         if chosen is None:
             ok = archive.evaluated()
+            fit = [r for r in ok if cap_violation(r) == 0]
+            scored = [r for r in archive.records.values() if r["status"] != "failed"]  # ok or over_cap
+            if not fit and scored:
+                # a cap is a hard device limit: stop rather than hand back a network that cannot run there
+                closest = min(scored, key=cap_violation)
+                raise RuntimeError(f"no candidate fits {', '.join(self.hardware.caps)}: the closest "
+                                   f"({closest['key']}) has {'; '.join(closest['violations'])}")
             if not ok:
                 raise RuntimeError(f"every candidate failed; see the errors in {archive.path}")
-            chosen = min(ok, key=lambda r: r.get("avg_cost", r["avg_macs"]))
+            # only the avg-cost target is unmet: the cheapest candidate within the caps, with a warning
+            chosen = min(fit, key=lambda r: r.get("avg_cost", r["avg_macs"]))
             log.warning("no candidate meets the target of %.3g %s; choosing the cheapest (%.3g)",
                         target, self.hardware.unit, chosen.get("avg_cost", chosen["avg_macs"]))
         genome = Genome.from_dict(chosen["genome"])

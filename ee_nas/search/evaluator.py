@@ -96,10 +96,24 @@ class SubnetEvaluator:
         """Broken parameter / peak-memory caps of the hardware profile (empty when none are set)."""
         if self.hardware is None:
             return []
-        memory = None
-        if getattr(self.hardware, "max_memory_bytes", None) is not None:
+        return self.hardware.violations(params=costs.params, memory_bytes=self._memory(genome))
+
+    def _memory(self, genome) -> int | None:
+        """Peak activation memory (bytes), only when the profile caps it."""
+        if getattr(self.hardware, "max_memory_bytes", None) is None:
+            return None
+        if self.latency is None and getattr(self, "_memory_table", None) is None:
             from ee_nas.hardware.latency import LatencyTable
 
-            table = self.latency or LatencyTable(self.supernet)
-            memory = table.peak_memory_bytes(genome)
-        return self.hardware.violations(params=costs.params, memory_bytes=memory)
+            self._memory_table = LatencyTable(self.supernet)  # memoized per component, like CostModel
+        return (self.latency or self._memory_table).peak_memory_bytes(genome)
+
+    def caps(self, genome) -> dict:
+        """The hardware caps, checked before any evaluation (no forward pass): params, peak memory,
+        the broken caps (`violations`) and their summed relative excess (`cap_violation`, 0 when it fits)."""
+        params, memory = self.costs.costs(genome).params, self._memory(genome)
+        if self.hardware is None:
+            return {"params": params, "violations": [], "cap_violation": 0.0}
+        return {"params": params, "memory_bytes": memory,
+                "violations": self.hardware.violations(params=params, memory_bytes=memory),
+                "cap_violation": self.hardware.cap_excess(params=params, memory_bytes=memory)}

@@ -27,12 +27,22 @@ log = logging.getLogger(__name__)
 
 
 class GenomeSampling(Sampling):
-    def __init__(self, space):
+    def __init__(self, space, caps: Callable | None = None):
         super().__init__()
-        self.space = space
+        self.space, self.caps = space, caps
 
     def _do(self, problem, n_samples, *args, random_state=None, **kwargs):
-        return np.array([self.space.encode(self.space.sample(random_state)) for _ in range(n_samples)])
+        return np.array([self.space.encode(sample_within_caps(self.space, random_state, self.caps))
+                         for _ in range(n_samples)])
+
+
+def sample_within_caps(space, rng, caps: Callable | None = None, max_tries: int = 50):
+    """A random genome that fits the hardware caps (checked with `caps`, cheap); the last try if none fits."""
+    for _ in range(max_tries):
+        genome = space.sample(rng)
+        if caps is None or caps(genome).get("cap_violation", 0.0) <= 0:
+            break
+    return genome
 
 
 class GenomeCrossover(Crossover):
@@ -68,11 +78,16 @@ class GenomeDuplicates(ElementwiseDuplicateElimination):
 def search(space, evaluate: Callable, archive: Archive, *, algorithm: str = "nsga2", pop_size: int = 16,
            n_generations: int = 8, seed: int = 0, reference_macs: float, target: float | None,
            crossover_prob: float = 0.9, mutation_prob: float = 0.1,
-           on_generation: Callable[[int, dict], None] | None = None) -> list[dict]:
+           on_generation: Callable[[int, dict], None] | None = None,
+           caps: Callable | None = None) -> list[dict]:
     """Run the search; returns the feasible Pareto front (archive records).
 
     `evaluate(genome) -> dict` must return at least val_acc, avg_macs, feasible; an
     exception marks the candidate failed (kept in the archive, never selected).
+    `caps(genome) -> dict` (``SubnetEvaluator.caps``: params, memory, `cap_violation`) checks the
+    hardware caps before `evaluate`: random samples are drawn within the caps, an offspring over a
+    cap is recorded as ``over_cap`` without being evaluated, and its relative excess is its
+    constraint violation (summed with the target's).
     """
     if pop_size < 2 or n_generations < 1:
         raise ValueError(f"search.pop_size={pop_size} must be >= 2 and search.n_generations={n_generations} >= 1")
@@ -80,7 +95,7 @@ def search(space, evaluate: Callable, archive: Archive, *, algorithm: str = "nsg
     problem = Problem(n_var=space.n_var, n_obj=2, n_ieq_constr=1, xl=lo, xu=hi, vtype=int)
     rng = np.random.default_rng(seed)
     if algorithm == "nsga2":
-        algo = NSGA2(pop_size=pop_size, sampling=GenomeSampling(space),
+        algo = NSGA2(pop_size=pop_size, sampling=GenomeSampling(space, caps),
                      crossover=GenomeCrossover(space, crossover_prob), mutation=GenomeMutation(space, mutation_prob),
                      eliminate_duplicates=GenomeDuplicates())
         algo.setup(problem, termination=("n_gen", n_generations), seed=seed, verbose=False)
@@ -92,10 +107,10 @@ def search(space, evaluate: Callable, archive: Archive, *, algorithm: str = "nsg
             pop = algo.ask()
             X = pop.get("X")
         else:
-            X = np.array([space.encode(space.sample(rng)) for _ in range(pop_size)])
+            X = np.array([space.encode(sample_within_caps(space, rng, caps)) for _ in range(pop_size)])
         F, G = [], []
         for x in X:
-            record = evaluate_cached(space.decode(x), evaluate, archive, gen)
+            record = evaluate_cached(space.decode(x), evaluate, archive, gen, caps)
             F.append(_penalized_objectives(record, reference_macs))
             G.append([_violation(record, target, reference_macs)])
             progress.update(1)
@@ -109,13 +124,18 @@ def search(space, evaluate: Callable, archive: Archive, *, algorithm: str = "nsg
     return pareto_front(archive.evaluated(), reference_macs)
 
 
-def evaluate_cached(genome, evaluate, archive: Archive, gen: int) -> dict:
+def evaluate_cached(genome, evaluate, archive: Archive, gen: int, caps: Callable | None = None) -> dict:
+    """The archive's record of `genome`, evaluated now if new; over a hardware cap (`caps`): not evaluated."""
     key = genome.key()
     record = archive.get(key)
     if record is not None:
         return record
+    checked = caps(genome) if caps is not None else {}
     try:
-        record = {**evaluate(genome), "status": "ok"}
+        if checked.get("cap_violation", 0.0) > 0:
+            record = {**checked, "status": "over_cap"}  # cannot be chosen: spare the accuracy evaluation
+        else:
+            record = {**checked, **evaluate(genome), "status": "ok"}
     except Exception as err:  # a failed candidate is recorded and the search goes on
         log.warning("candidate evaluation failed (%s): %s", type(err).__name__, err)
         record = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
@@ -130,13 +150,23 @@ def _penalized_objectives(record: dict, reference_macs: float) -> list[float]:
     return list(objectives(record, reference_macs))
 
 
+def cap_violation(record: dict) -> float:
+    """Summed relative excess over the hardware caps (0 when it fits); a record scored without
+    `caps` but with broken caps (`violations`) counts 1."""
+    return float(record.get("cap_violation", 1.0 if record.get("violations") else 0.0))
+
+
 def _violation(record: dict, target: float | None, reference_macs: float) -> float:
-    """<= 0 when the candidate meets the target; failed candidates are always infeasible."""
+    """The constraint violation, <= 0 when the candidate meets the target and every cap: the excess
+    over the target (relative to the reference cost) plus the caps' relative excesses (summed, each
+    normalized by its cap). Failed candidates are always infeasible."""
+    if record["status"] == "over_cap":
+        return cap_violation(record)
     if record["status"] != "ok":
         return 10.0
-    if target is None:
-        return -1.0
-    return (record.get("avg_cost", record["avg_macs"]) - target) / reference_macs
+    slack = -1.0 if target is None else (record.get("avg_cost", record["avg_macs"]) - target) / reference_macs
+    caps = cap_violation(record)
+    return caps + max(slack, 0.0) if caps > 0 else slack
 
 
 def generation_stats(archive: Archive, gen: int, reference_macs: float, target: float | None) -> dict:
@@ -146,7 +176,9 @@ def generation_stats(archive: Archive, gen: int, reference_macs: float, target: 
     return {
         "generation": gen,
         "n_evaluated": len([r for r in archive.records.values() if r["generation"] <= gen]),
-        "n_failed": len([r for r in archive.records.values() if r["status"] != "ok" and r["generation"] <= gen]),
+        "n_failed": len([r for r in archive.records.values() if r["status"] == "failed" and r["generation"] <= gen]),
+        "n_over_cap": len([r for r in archive.records.values() if r["status"] == "over_cap"
+                           and r["generation"] <= gen]),
         "hypervolume": hypervolume(upto, reference_macs),
         "best_acc_under_target": max((r["val_acc"] for r in feasible if r["generation"] <= gen), default=float("nan")),
         "front_size": len(pareto_front(upto, reference_macs)),
@@ -154,5 +186,7 @@ def generation_stats(archive: Archive, gen: int, reference_macs: float, target: 
 
 
 def choose(front: list[dict]) -> dict | None:
-    """Best validation accuracy under the target (the feasible front); ties go to fewer avg MACs."""
-    return max(front, key=lambda r: (r["val_acc"], -r.get("avg_cost", r["avg_macs"]))) if front else None
+    """Best validation accuracy under the target (the feasible front); ties go to fewer avg MACs.
+    A candidate over a hardware cap is never chosen."""
+    fits = [r for r in front if r.get("status", "ok") == "ok" and not r.get("violations") and cap_violation(r) == 0]
+    return max(fits, key=lambda r: (r["val_acc"], -r.get("avg_cost", r["avg_macs"]))) if fits else None

@@ -16,6 +16,10 @@ Iteration 0 evaluates `pop_size` sampled genomes. Every later iteration
 The true-evaluation budget is exactly pop_size + (n_iterations - 1) * n_per_iteration
 calls of `evaluate` (a failed candidate counts; fewer only if the space runs out of new genomes).
 
+Hardware caps (`caps`, ``SubnetEvaluator.caps``: params and peak memory, exact and cheap) are a
+constraint of the inner search (their relative excess added to the predicted target violation),
+and every pick, random fill included, fits them: no true evaluation is spent over a cap.
+
 MAC objective of the inner search. `cost_fn(genome)` returns the genome's
 per-exit cumulative MACs (exact and cheap: ``CostModel.costs(g).cum_macs``).
 Threshold tuning (max accuracy s.t. avg_macs <= target) puts avg MACs in a
@@ -79,7 +83,8 @@ def surrogate_search(space, evaluate: Callable, archive: Archive, predictor: Pre
                      target: float | None, cost_fn: Callable[[Genome], Sequence[float]] | None = None,
                      inner_generations: int = 20, inner_pop_size: int | None = None, crossover_prob: float = 0.9,
                      mutation_prob: float = 0.1, min_train: int = 4,
-                     on_generation: Callable[[int, dict], None] | None = None) -> list[dict]:
+                     on_generation: Callable[[int, dict], None] | None = None,
+                     caps: Callable[[Genome], dict] | None = None) -> list[dict]:
     """Run the surrogate-assisted search; returns the feasible Pareto front (archive records), like `search`.
 
     `evaluate(genome) -> dict` (val_acc, avg_macs, feasible, ...) is the true, expensive evaluation.
@@ -100,29 +105,43 @@ def surrogate_search(space, evaluate: Callable, archive: Archive, predictor: Pre
             cum_cache[key] = np.asarray(cost_fn(genome), dtype=float)
         return cum_cache[key]
 
+    caps_cache: dict[str, dict] = {}
+
+    def checked(genome: Genome) -> dict:
+        key = genome.key()
+        if key not in caps_cache:
+            caps_cache[key] = caps(genome) if caps is not None else {}
+        return caps_cache[key]
+
+    def cap_of(genome: Genome) -> float:
+        return float(checked(genome).get("cap_violation", 0.0))
+
+    def fits(genome: Genome) -> bool:
+        return cap_of(genome) <= 0
+
     for it in range(n_iterations):
         known = sorted((r for r in archive.records.values() if r["generation"] < it),
                        key=lambda r: (r["generation"], r["key"]))
         train = [r for r in known if r["status"] == "ok"]
         rng = np.random.default_rng([seed, it])
         if it == 0:
-            picks, predicted = _fill([], {r["key"] for r in known}, pop_size, space, rng), None
+            picks, predicted = _fill([], {r["key"] for r in known}, pop_size, space, rng, fits=fits), None
         elif len(train) < min_train:
             log.warning("surrogate iteration %d: %d successful evaluations, fewer than %d to fit on; "
                         "sampling at random", it, len(train), min_train)
-            picks, predicted = _fill([], {r["key"] for r in known}, n_per_iteration, space, rng), None
+            picks, predicted = _fill([], {r["key"] for r in known}, n_per_iteration, space, rng, fits=fits), None
         else:
             models = _fit(predictor, space, train, cum_macs if cost_fn else None, reference_macs, target)
-            predict = _predictor_fn(space, models, cum_macs if cost_fn else None, reference_macs, target)
+            predict = _predictor_fn(space, models, cum_macs if cost_fn else None, reference_macs, target, cap_of)
             picks = _inner_search(space, predict, train, {r["key"] for r in known}, n_per_iteration, inner_pop,
                                   inner_generations, seed=int(rng.integers(2**31)), rng=rng,
                                   crossover_prob=crossover_prob, mutation_prob=mutation_prob,
-                                  reference_macs=reference_macs, target=target)
+                                  reference_macs=reference_macs, target=target, fits=fits)
             F, _ = predict(np.array([space.encode(g) for g in picks]))
             predicted = {"val_acc": 1.0 - F[:, 0], "avg_macs": F[:, 1] * reference_macs}
         records = []
         for i, genome in enumerate(picks):
-            record = evaluate_cached(genome, evaluate, archive, it)
+            record = evaluate_cached(genome, evaluate, archive, it, checked if caps is not None else None)
             if predicted is not None:
                 record.setdefault("predicted_val_acc", float(predicted["val_acc"][i]))
                 record.setdefault("predicted_avg_macs", float(predicted["avg_macs"][i]))
@@ -139,13 +158,14 @@ def surrogate_search(space, evaluate: Callable, archive: Archive, predictor: Pre
 
 
 def _fill(picks: list[Genome], known: set[str], n: int, space, rng: np.random.Generator,
-          max_tries: int = 50) -> list[Genome]:
-    """Top `picks` up to n distinct genomes outside `known` with random samples (fewer if the space runs out)."""
+          max_tries: int = 50, fits: Callable[[Genome], bool] | None = None) -> list[Genome]:
+    """Top `picks` up to n distinct genomes outside `known` with random samples that fit the caps
+    (`fits`); fewer if the space runs out."""
     taken = known | {g.key() for g in picks}
     picks, misses = list(picks), 0
     while len(picks) < n and misses < max_tries * n:
         g = space.sample(rng)
-        if g.key() in taken:
+        if g.key() in taken or (fits is not None and not fits(g)):
             misses += 1
             continue
         taken.add(g.key())
@@ -177,7 +197,8 @@ def _fit(predictor: Predictor, space, train: list[dict], cum_macs, reference_mac
     return acc, predictor.clone().fit(X[rows], y)
 
 
-def _predictor_fn(space, models, cum_macs, reference_macs: float, target: float | None):
+def _predictor_fn(space, models, cum_macs, reference_macs: float, target: float | None,
+                  cap_of: Callable[[Genome], float] | None = None):
     acc_model, macs_model = models
 
     def predict(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -192,6 +213,9 @@ def _predictor_fn(space, models, cum_macs, reference_macs: float, target: float 
             avg = np.maximum(macs_model.predict(X), 0.0) * reference_macs
             cv = avg if target is not None else None
         G = (cv - target) / reference_macs if cv is not None else -np.ones(len(X))
+        if cap_of is not None:  # exact: the caps' relative excess, summed with the target's
+            cap = np.array([cap_of(space.decode(x)) for x in X])
+            G = np.where(cap > 0, cap + np.maximum(G, 0.0), G)
         return np.stack([1.0 - acc, avg / reference_macs], 1), G[:, None]
 
     return predict
@@ -199,7 +223,8 @@ def _predictor_fn(space, models, cum_macs, reference_macs: float, target: float 
 
 def _inner_search(space, predict, train: list[dict], known: set[str], n: int, pop_size: int, n_gen: int, *,
                   seed: int, rng: np.random.Generator, crossover_prob: float, mutation_prob: float,
-                  reference_macs: float, target: float | None) -> list[Genome]:
+                  reference_macs: float, target: float | None,
+                  fits: Callable[[Genome], bool] | None = None) -> list[Genome]:
     """NSGA-II on predicted objectives, seeded with the archive's best; `n` new genomes by rank and crowding."""
     problem = _PredictedProblem(space, predict)
     X0 = _best_first(space, train, pop_size, reference_macs, target)
@@ -214,19 +239,20 @@ def _inner_search(space, predict, train: list[dict], known: set[str], n: int, po
     algo = NSGA2(pop_size=pop_size, sampling=X0, crossover=GenomeCrossover(space, crossover_prob),
                  mutation=GenomeMutation(space, mutation_prob), eliminate_duplicates=GenomeDuplicates())
     minimize(problem, algo, ("n_gen", n_gen), seed=seed, verbose=False)
-    pool = [(x, f, g) for x, f, g in problem.seen.values() if space.decode(x).key() not in known]
+    pool = [(x, f, g) for x, f, g in problem.seen.values() if space.decode(x).key() not in known
+            and (fits is None or fits(space.decode(x)))]
     # a decoded genome may repeat under two encodings (e.g. genes of an absent exit): keep the first
     unique: dict[str, tuple] = {}
     for x, f, g in pool:
         unique.setdefault(space.decode(x).key(), (x, f, g))
     pool = list(unique.values())
     if not pool:
-        return _fill([], known, n, space, rng)
+        return _fill([], known, n, space, rng, fits=fits)
     pop = Population.new(X=np.array([p[0] for p in pool]))
     Evaluator().eval(StaticProblem(problem, F=np.array([p[1] for p in pool]),
                                    G=np.array([[p[2]] for p in pool])), pop)
     idx = RankAndCrowding().do(problem, pop, n_survive=min(n, len(pool)), random_state=rng, return_indices=True)
-    return _fill([space.decode(pool[i][0]) for i in idx], known, n, space, rng)
+    return _fill([space.decode(pool[i][0]) for i in idx], known, n, space, rng, fits=fits)
 
 
 def _best_first(space, records: list[dict], n: int, reference_macs: float, target: float | None) -> np.ndarray:

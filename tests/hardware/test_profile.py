@@ -65,6 +65,16 @@ def test_caps():
     assert HardwareProfile().violations(params=10**9, memory_bytes=10**12) == []
 
 
+def test_cap_excess_is_the_sum_of_relative_excesses():
+    p = HardwareProfile(max_params=100, max_memory_bytes=1000)
+    assert p.cap_excess(params=100, memory_bytes=1000) == 0.0
+    assert p.cap_excess(params=150, memory_bytes=900) == pytest.approx(0.5)
+    assert p.cap_excess(params=150, memory_bytes=1200) == pytest.approx(0.5 + 0.2)
+    assert HardwareProfile(max_params=100).cap_excess(params=90, memory_bytes=10**12) == 0.0
+    assert p.caps == ["hardware.max_params=100", "hardware.max_memory_bytes=1000"]
+    assert HardwareProfile().caps == []
+
+
 @pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_profiles_list_every_key_and_instantiate(path):
     cfg = OmegaConf.load(path)

@@ -233,3 +233,65 @@ def test_hypervolume_by_hand():
     assert [r["avg_macs"] for r in pareto_front(records, ref)] == [20, 50]
     assert hypervolume([], ref) == 0.0
     assert math.isclose(hypervolume([rec(1.0, 100)], ref), 0.0, abs_tol=1e-12)
+
+
+# -- hardware caps (max_params / max_memory_bytes) are constraints --------------------------------------
+
+@pytest.fixture(scope="module")
+def capped(backbones, space):
+    """A params cap between the smallest and the largest candidate's (a quarter of random genomes fit),
+    checked as the callback checks it: exact params from the CostModel, before any evaluation."""
+    from ee_nas.hardware.macs import CostModel
+    from ee_nas.hardware.profile import HardwareProfile
+    from ee_nas.models.multi_exit import MultiExitSupernet
+
+    model = CostModel(MultiExitSupernet(backbones["mobilenetv3_small"], space))
+    params = lambda g: model.costs(g).params  # noqa: E731
+    rng = np.random.default_rng(0)
+    cap = int(np.percentile([params(space.sample(rng)) for _ in range(100)], 25))
+    assert params(space.smallest()) < cap < params(space.largest())
+    profile = HardwareProfile(max_params=cap)
+
+    def caps(genome):
+        p = params(genome)
+        return {"params": p, "violations": profile.violations(params=p), "cap_violation": profile.cap_excess(params=p)}
+    return cap, params, caps
+
+
+def test_params_cap_steers_the_search_and_is_never_evaluated_or_chosen(space, capped):
+    cap, params, caps = capped
+    pop, gens = 12, 6
+    over_per_gen = {}
+    for constrained in (True, False):
+        ev, archive, stats = SyntheticEvaluator(space), Archive(), []
+        front = run(space, ev, archive, pop_size=pop, n_generations=gens, caps=caps if constrained else None,
+                    on_generation=lambda g, s: stats.append(s))
+        records = list(archive.records.values())
+        over_per_gen[constrained] = [sum(params(_genome(r)) > cap for r in records if r["generation"] == g)
+                                     for g in range(gens)]
+        if constrained:
+            assert not any(params(_genome(archive.get(key))) > cap for key in ev.calls)  # none is evaluated
+            over = [r for r in records if r["status"] == "over_cap"]
+            assert len(over) == sum(over_per_gen[True]) and all(r["cap_violation"] > 0 for r in over)
+            assert [s["n_over_cap"] for s in stats] == list(np.cumsum(over_per_gen[True]))
+            best = choose(front)
+            assert front and best is not None and all(params(_genome(r)) <= cap for r in front)
+            assert params(_genome(best)) <= cap
+    # random samples are drawn within the cap (without it most are over) and, by the constraint, few
+    # offspring after generation 0 are over it: far fewer than without the constraint
+    assert over_per_gen[True][0] == 0 and over_per_gen[False][0] > pop // 2, over_per_gen
+    after = sum(over_per_gen[True][1:])
+    assert after <= (gens - 1) * pop // 4, over_per_gen
+    assert 2 * after < sum(over_per_gen[False][1:]), over_per_gen
+
+
+def test_violation_sums_target_and_cap_excess():
+    ok = {"status": "ok", "avg_macs": 120.0, "cap_violation": 0.0}
+    assert evolution._violation(ok, 100.0, 200.0) == pytest.approx(0.1)         # over the target only
+    assert evolution._violation({**ok, "avg_macs": 80.0}, 100.0, 200.0) < 0     # feasible: slack
+    assert evolution._violation({**ok, "cap_violation": 0.5}, 100.0, 200.0) == pytest.approx(0.6)
+    assert evolution._violation({**ok, "avg_macs": 80.0, "cap_violation": 0.5}, 100.0, 200.0) == pytest.approx(0.5)
+    assert evolution._violation({"status": "over_cap", "cap_violation": 0.3}, 100.0, 200.0) == pytest.approx(0.3)
+    # a record scored without a caps check but with a broken cap still counts as infeasible
+    assert evolution._violation({"status": "ok", "avg_macs": 80.0, "violations": ["params 9 > 8"]}, 100.0, 200.0) > 0
+    assert choose([{**ok, "val_acc": 0.9, "violations": ["params 9 > 8"]}, {**ok, "val_acc": 0.5}])["val_acc"] == 0.5

@@ -137,3 +137,33 @@ def test_failed_candidates_count_and_rejects_bad_settings(space):
     assert len(failed) == 4 and len(archive) == len(ev.calls) == 20  # a failure is a paid evaluation
     with pytest.raises(ValueError, match="n_per_iteration"):
         run(space, ev, Archive(), n_per_iteration=0)
+
+
+def test_params_cap_is_a_constraint_and_no_pick_breaks_it(space, backbones):
+    """With a params cap between the smallest and the largest candidate's, every true evaluation
+    (random iteration 0 included) is of a genome under the cap, and the front stays under it."""
+    from ee_nas.genome import Genome
+    from ee_nas.hardware.macs import CostModel
+    from ee_nas.hardware.profile import HardwareProfile
+    from ee_nas.models.multi_exit import MultiExitSupernet
+
+    model = CostModel(MultiExitSupernet(backbones["mobilenetv3_small"], space))
+    rng = np.random.default_rng(0)
+    cap = int(np.percentile([model.costs(space.sample(rng)).params for _ in range(100)], 25))
+    assert model.costs(space.smallest()).params < cap < model.costs(space.largest()).params
+    profile = HardwareProfile(max_params=cap)
+    checked = []
+
+    def caps(genome):
+        p = model.costs(genome).params
+        checked.append(p)
+        return {"params": p, "violations": profile.violations(params=p), "cap_violation": profile.cap_excess(params=p)}
+
+    ev = ToyEvaluator(space, target_fraction=0.6)
+    archive = Archive()
+    front = run(space, ev, archive, caps=caps)
+    params = {r["key"]: model.costs(Genome.from_dict(r["genome"])).params for r in archive.records.values()}
+    assert max(checked) > cap  # the inner search did meet over-cap genomes ...
+    assert len(ev.calls) == 8 + 3 * 4 and all(params[k] <= cap for k in ev.calls)  # ... and evaluated none
+    assert all(r["status"] == "ok" for r in archive.records.values())
+    assert front and all(params[r["key"]] <= cap for r in front)
