@@ -61,6 +61,12 @@ class MultiExitModule(L.LightningModule):
             loss = loss + self.distill_weight * t * t * kd.mean()
         return loss
 
+    def on_train_start(self):
+        """DDP: every rank must train the same subnets in a step (conf/trainer/ddp.yaml explains why), so
+        every rank continues rank 0's subnet sampler (seeded, or restored from the checkpoint)."""
+        if self.trainer.world_size > 1:
+            self.rng.bit_generator.state = self.trainer.strategy.broadcast(self.rng.bit_generator.state)
+
     def on_train_batch_start(self, batch, batch_idx):
         """Dropout and other torch randomness of this step depend on (seed, epoch, batch) only, so a run
         resumed from a checkpoint repeats an uninterrupted one exactly (data order: `EpochShuffle`)."""

@@ -131,14 +131,17 @@ def run(cfg: DictConfig) -> dict:
     from ee_nas.lit_module import MultiExitModule
     from ee_nas.models.multi_exit import MultiExitSupernet
     from ee_nas.checkpointing import AtomicCheckpointIO, RunInterrupted, resume_checkpoint
+    from ee_nas.distributed import check_trainer_config, on_rank_zero, process_rank
     from ee_nas.pipeline import evaluate_and_report, make_callbacks
     from ee_nas.run_dir import claim_run_dir
     from ee_nas.utils import remove_stale_temp_files
 
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    claim_run_dir(cfg, run_dir)
-    remove_stale_temp_files(run_dir, run_dir / "checkpoints")
+    check_trainer_config(cfg)
+    if process_rank() == 0:  # DDP: the other ranks start in this directory once rank 0 has claimed it
+        claim_run_dir(cfg, run_dir)
+        remove_stale_temp_files(run_dir, run_dir / "checkpoints")
     seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
 
@@ -164,8 +167,10 @@ def run(cfg: DictConfig) -> dict:
             if received is None and trainer.state.status != TrainerStatus.INTERRUPTED:
                 raise
             raise RunInterrupted(received or signal.SIGINT) from None
-        summary = evaluate_and_report(cfg, run_dir, module, datamodule, hardware, nas)
-        log_final(loggers, run_dir, summary)
+        # DDP: rank 0 reports and writes; the other ranks wait and return the same summary
+        summary = on_rank_zero(lambda: evaluate_and_report(cfg, run_dir, module, datamodule, hardware, nas))
+        if trainer.global_rank == 0:
+            log_final(loggers, run_dir, summary)
     finally:
         finish_loggers(loggers)
     log.info("summary: test_acc %.4f at %.3g avg MACs (%.1f%% of the backbone); written to %s",
