@@ -58,4 +58,4 @@ def test_cluster_configs_compose(overrides):
     elif overrides[0].startswith("hydra/launcher"):
         assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
     else:
-        assert cfg.trainer.strategy == "ddp"
+        assert cfg.trainer.strategy.find_unused_parameters  # the supernet leaves parameters unused
