@@ -8,11 +8,14 @@ computes the final report, the other ranks wait and receive its result.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 
 import torch
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 #: the environment variables a launcher sets for each process (Lightning's own order, see rank_zero_only)
 _RANK_VARS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
@@ -114,6 +117,7 @@ def distributed_batch(evaluate_one: Callable, cost: Callable | None = None) -> C
             raise RuntimeError("the DDP ranks hold different candidates to evaluate: the search diverged "
                                "between ranks (it must be seeded the same way on every rank)")
         shares = split_by_cost([cost(item) for item in items] if cost else [1.0] * len(items), n)
+        log.info("rank %d scores %d of %d candidates", rank(), len(shares[rank()]), len(items))
         mine = {i: evaluate_one(items[i]) for i in shares[rank()]}
         results: list = [None] * len(items)
         for part in gather(mine):

@@ -79,7 +79,7 @@ def search(space, evaluate: Callable, archive: Archive, *, algorithm: str = "nsg
            n_generations: int = 8, seed: int = 0, reference_macs: float, target: float | None,
            crossover_prob: float = 0.9, mutation_prob: float = 0.1,
            on_generation: Callable[[int, dict], None] | None = None,
-           caps: Callable | None = None) -> list[dict]:
+           caps: Callable | None = None, evaluate_batch: Callable[[list], list[dict]] | None = None) -> list[dict]:
     """Run the search; returns the feasible Pareto front (archive records).
 
     `evaluate(genome) -> dict` must return at least val_acc, avg_macs, feasible; an
@@ -88,6 +88,8 @@ def search(space, evaluate: Callable, archive: Archive, *, algorithm: str = "nsg
     hardware caps before `evaluate`: random samples are drawn within the caps, an offspring over a
     cap is recorded as ``over_cap`` without being evaluated, and its relative excess is its
     constraint violation (summed with the target's).
+    `evaluate_batch(genomes) -> records` scores each generation's new genomes together (default:
+    `evaluate_one` in a loop); under DDP the callback passes one that splits them across ranks.
     """
     if pop_size < 2 or n_generations < 1:
         raise ValueError(f"search.pop_size={pop_size} must be >= 2 and search.n_generations={n_generations} >= 1")
@@ -108,12 +110,10 @@ def search(space, evaluate: Callable, archive: Archive, *, algorithm: str = "nsg
             X = pop.get("X")
         else:
             X = np.array([space.encode(sample_within_caps(space, rng, caps)) for _ in range(pop_size)])
-        F, G = [], []
-        for x in X:
-            record = evaluate_cached(space.decode(x), evaluate, archive, gen, caps)
-            F.append(_penalized_objectives(record, reference_macs))
-            G.append([_violation(record, target, reference_macs)])
-            progress.update(1)
+        records = evaluate_generation([space.decode(x) for x in X], evaluate, archive, gen, caps, evaluate_batch)
+        F = [_penalized_objectives(record, reference_macs) for record in records]
+        G = [[_violation(record, target, reference_macs)] for record in records]
+        progress.update(len(records))
         if algorithm == "nsga2":
             Evaluator().eval(StaticProblem(problem, F=np.array(F), G=np.array(G)), pop)
             algo.tell(infills=pop)
@@ -124,12 +124,36 @@ def search(space, evaluate: Callable, archive: Archive, *, algorithm: str = "nsg
     return pareto_front(archive.evaluated(), reference_macs)
 
 
+def evaluate_generation(genomes: list, evaluate: Callable, archive: Archive, gen: int, caps: Callable | None = None,
+                        evaluate_batch: Callable[[list], list[dict]] | None = None) -> list[dict]:
+    """The archive records of `genomes`, in order: the ones not in the archive yet are scored in one
+    `evaluate_batch(new_genomes) -> records` call (each record as `evaluate_one` makes it), then added."""
+    if evaluate_batch is not None:
+        new = list({g.key(): g for g in genomes if archive.get(g.key()) is None}.values())
+        if new:
+            records = evaluate_batch(new)
+            if len(records) != len(new):
+                raise RuntimeError(f"evaluate_batch returned {len(records)} records for {len(new)} genomes")
+            for genome, record in zip(new, records):
+                archive.add({**record, "key": genome.key(), "genome": genome.to_dict(), "generation": gen})
+    return [evaluate_cached(g, evaluate, archive, gen, caps) for g in genomes]
+
+
 def evaluate_cached(genome, evaluate, archive: Archive, gen: int, caps: Callable | None = None) -> dict:
     """The archive's record of `genome`, evaluated now if new; over a hardware cap (`caps`): not evaluated."""
     key = genome.key()
     record = archive.get(key)
     if record is not None:
         return record
+    record = evaluate_one(genome, evaluate, caps)
+    record.update(key=key, genome=genome.to_dict(), generation=gen)
+    archive.add(record)
+    return record
+
+
+def evaluate_one(genome, evaluate: Callable, caps: Callable | None = None) -> dict:
+    """One candidate's record (status ok / over_cap / failed), without archive bookkeeping: a failed
+    evaluation is recorded, never raised, so one bad candidate does not stop the search (or one rank)."""
     checked = caps(genome) if caps is not None else {}
     try:
         if checked.get("cap_violation", 0.0) > 0:
@@ -139,8 +163,6 @@ def evaluate_cached(genome, evaluate, archive: Archive, gen: int, caps: Callable
     except Exception as err:  # a failed candidate is recorded and the search goes on
         log.warning("candidate evaluation failed (%s): %s", type(err).__name__, err)
         record = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
-    record.update(key=key, genome=genome.to_dict(), generation=gen)
-    archive.add(record)
     return record
 
 

@@ -54,7 +54,7 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
 from ee_nas.search.archive import Archive, pareto_front
 from ee_nas.search.evolution import (GenomeCrossover, GenomeDuplicates, GenomeMutation, _penalized_objectives,
-                                     _violation, evaluate_cached, generation_stats)
+                                     _violation, evaluate_generation, generation_stats)
 from ee_nas.genome import Genome
 from ee_nas.search.predictors import Predictor, kendall_tau
 
@@ -84,10 +84,12 @@ def surrogate_search(space, evaluate: Callable, archive: Archive, predictor: Pre
                      inner_generations: int = 20, inner_pop_size: int | None = None, crossover_prob: float = 0.9,
                      mutation_prob: float = 0.1, min_train: int = 4,
                      on_generation: Callable[[int, dict], None] | None = None,
-                     caps: Callable[[Genome], dict] | None = None) -> list[dict]:
+                     caps: Callable[[Genome], dict] | None = None,
+                     evaluate_batch: Callable[[list[Genome]], list[dict]] | None = None) -> list[dict]:
     """Run the surrogate-assisted search; returns the feasible Pareto front (archive records), like `search`.
 
-    `evaluate(genome) -> dict` (val_acc, avg_macs, feasible, ...) is the true, expensive evaluation.
+    `evaluate(genome) -> dict` (val_acc, avg_macs, feasible, ...) is the true, expensive evaluation;
+    `evaluate_batch(genomes) -> records` scores an iteration's new picks together (see `search`).
     `on_generation(iteration, stats)` gets `generation_stats` plus `kendall_tau_acc` / `kendall_tau_macs`
     (predictions vs truth on this iteration's new batch; nan in iteration 0) and `n_train`.
     """
@@ -140,8 +142,9 @@ def surrogate_search(space, evaluate: Callable, archive: Archive, predictor: Pre
             F, _ = predict(np.array([space.encode(g) for g in picks]))
             predicted = {"val_acc": 1.0 - F[:, 0], "avg_macs": F[:, 1] * reference_macs}
         records = []
-        for i, genome in enumerate(picks):
-            record = evaluate_cached(genome, evaluate, archive, it, checked if caps is not None else None)
+        evaluated = evaluate_generation(picks, evaluate, archive, it, checked if caps is not None else None,
+                                        evaluate_batch)
+        for i, record in enumerate(evaluated):
             if predicted is not None:
                 record.setdefault("predicted_val_acc", float(predicted["val_acc"][i]))
                 record.setdefault("predicted_avg_macs", float(predicted["avg_macs"][i]))
@@ -191,7 +194,8 @@ def _fit(predictor: Predictor, space, train: list[dict], cum_macs, reference_mac
         lo, hi = _mac_range(cum_macs(Genome.from_dict(r["genome"])), target)
         if hi > lo:  # a range to place the tuned avg MACs in
             rows.append(i)
-            y.append(float(np.clip((r["avg_macs"] - lo) / (hi - lo), 0.0, 1.0)))
+            # the tuned avg cost in the range's unit (`cost_fn`: MACs, or ms with a latency objective)
+            y.append(float(np.clip((r.get("avg_cost", r["avg_macs"]) - lo) / (hi - lo), 0.0, 1.0)))
     if len(rows) < 2 or np.ptp(y) == 0:
         return acc, float(np.mean(y)) if y else 1.0  # a constant position
     return acc, predictor.clone().fit(X[rows], y)
@@ -273,5 +277,6 @@ def _batch_taus(records: list[dict]) -> dict:
     if len(ok) < 2:
         return {"kendall_tau_acc": math.nan, "kendall_tau_macs": math.nan}
     return {"kendall_tau_acc": kendall_tau([r["val_acc"] for r in ok], [r["predicted_val_acc"] for r in ok]),
-            "kendall_tau_macs": kendall_tau([r["avg_macs"] for r in ok], [r["predicted_avg_macs"] for r in ok])}
+            "kendall_tau_macs": kendall_tau([r.get("avg_cost", r["avg_macs"]) for r in ok],
+                                            [r["predicted_avg_macs"] for r in ok])}  # avg cost, as predicted
 
