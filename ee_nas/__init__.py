@@ -16,3 +16,12 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+
+
+def _register_schemas() -> None:  # the structured-config schemas the group files name (ee_nas.schemas)
+    from ee_nas.schemas import register
+
+    register()
+
+
+_register_schemas()

@@ -1,8 +1,7 @@
-"""Loggers for a run: CSV always, W&B (offline unless configured); final artifacts and clean shutdown."""
+"""Loggers for a run, built from conf/logger/ (CSV, W&B offline unless configured, ...); final artifacts and shutdown."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -11,22 +10,43 @@ log = logging.getLogger(__name__)
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    """Every `logger` entry with a _target_ (conf/logger/: csv, wandb, tensorboard, or a file of your own)."""
+    from hydra.utils import instantiate
 
     loggers = []
-    if cfg.logger.get("csv", True):
-        # a version folder per (re)start: Lightning empties an existing one, so a resumed run keeps its old log
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv"))
-    wb = cfg.logger.get("wandb") or {}
-    if wb.get("enabled", False):
-        mode = wb.get("mode", "auto")
-        if mode == "auto":
-            mode = os.environ.get("WANDB_MODE", "online")
-        loggers.append(WandbLogger(project=wb.get("project", "ee_nas"), entity=wb.get("entity"),
-                                   group=wb.get("group"), tags=list(wb.get("tags") or []), mode=mode,
-                                   save_dir=str(run_dir), name=f"{cfg.name}-seed{cfg.seed}",
-                                   config=OmegaConf.to_container(cfg, resolve=True)))
+    for node in (cfg.get("logger") or {}).values():
+        if "_target_" in node:
+            extra = wandb_settings(cfg, run_dir, node) if str(node._target_).endswith("WandbLogger") else {}
+            loggers.append(instantiate(node, _partial_=True)(**extra))  # partial: `config` is instantiate's own
+    run = wandb_run(loggers)
+    if run is not None and hasattr(run, "define_metric"):  # rank 0 only (Lightning's rank-zero experiment)
+        # search metrics against the generation, not the training step: the hypervolume curve per generation
+        run.define_metric("search/generation", hidden=True)
+        run.define_metric("search/*", step_metric="search/generation")
+        if getattr(run, "url", None):
+            log.info("W&B run: %s", run.url)
     return loggers
+
+
+def wandb_settings(cfg: DictConfig, run_dir: Path, node: DictConfig) -> dict:
+    """The W&B keys the config leaves null, per run: a multirun's jobs grouped by their sweep directory and
+    typed by method, each named from its overrides; an id fixed by the run directory, so a resumed run
+    continues its W&B run (resume="allow"); the whole config; offline unless W&B is configured (env)."""
+    import hashlib
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    sweep = hc is not None and hc.mode == RunMode.MULTIRUN
+    method = "fixed_arch" if cfg.get("arch") else cfg.search.algorithm
+    values = {"group": "/".join(Path(hc.sweep.dir).parts[-2:]) if sweep else cfg.name,
+              "job_type": f"{cfg.search_space.name}-{method}",
+              "name": (hc.job.override_dirname if hc is not None else "") or f"{cfg.name}-seed{cfg.seed}",
+              "id": hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16],
+              "save_dir": str(run_dir)}
+    return {**{k: v for k, v in values.items() if node.get(k) is None}, "resume": "allow",
+            "config": OmegaConf.to_container(cfg, resolve=True)}
 
 
 def wandb_run(loggers: list):
@@ -57,6 +77,16 @@ def log_final(loggers: list, run_dir: Path, summary: dict) -> None:
                                    json.dumps(r["genome"])] for r in front])
         run.log({"search/pareto_front": table,
                  "search/pareto_scatter": wandb.plot.scatter(table, "avg_macs", "val_acc", title="Pareto front")})
+    archive_file = run_dir / "archive.json"
+    if archive_file.exists():  # every evaluated candidate, failed and over-cap ones included
+        columns = ["generation", "key", "status", "feasible", "chosen", "val_acc", "avg_macs", "avg_latency_ms",
+                   "params", "n_exits", "genome"]
+        chosen = json.dumps(summary.get("genome"), sort_keys=True)
+        rows = [[r.get("generation"), r["key"], r.get("status"), bool(r.get("feasible")),
+                 json.dumps(r["genome"], sort_keys=True) == chosen, r.get("val_acc"), r.get("avg_macs"),
+                 r.get("avg_latency_ms"), r.get("params"), len(r["genome"]["exits"]) + 1, json.dumps(r["genome"])]
+                for r in json.loads(archive_file.read_text())["records"]]
+        run.log({"search/candidates": wandb.Table(columns=columns, data=rows)})
     sweep_file = run_dir / "threshold_sweep.json"
     if sweep_file.exists():
         points = json.loads(sweep_file.read_text())["points"]
@@ -76,9 +106,9 @@ def log_final(loggers: list, run_dir: Path, summary: dict) -> None:
     run.log_artifact(artifact)
 
 
-def finish_loggers(loggers: list) -> None:
-    """Close W&B at the end of every job, or multirun jobs merge into one run."""
+def finish_loggers(loggers: list, exit_code: int = 0) -> None:
+    """Close W&B at the end of every job, or multirun jobs merge into one run; a failed run is marked failed."""
     if wandb_run(loggers) is not None:
         import wandb
 
-        wandb.finish()
+        wandb.finish(exit_code=exit_code)

@@ -31,8 +31,11 @@ def save_subnet(path: Path, genome: Genome, net, thresholds, measure: str) -> Pa
 
 
 def make_callbacks(cfg: DictConfig, run_dir: Path, hardware) -> tuple[list, object | None]:
-    """Checkpointing, plus the NAS callback unless the user fixed the architecture with +arch."""
+    """The pipeline's own callbacks (checkpointing, which resuming relies on, and the NAS callback unless the
+    user fixed the architecture with +arch: both need run-time arguments), then every `callbacks` entry with
+    a _target_ (conf/callbacks/, e.g. callbacks=[default,lr_monitor])."""
     callbacks = [LastCheckpoint(run_dir / "checkpoints")]
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if "_target_" in c]
     nas = None
     if not cfg.get("arch"):
         # partial: a dataclass argument would be turned into a DictConfig by instantiate

@@ -171,12 +171,35 @@ def run(cfg: DictConfig) -> dict:
         summary = on_rank_zero(lambda: evaluate_and_report(cfg, run_dir, module, datamodule, hardware, nas))
         if trainer.global_rank == 0:
             log_final(loggers, run_dir, summary)
-    finally:
-        finish_loggers(loggers)
+    except BaseException as err:  # W&B marks the run with the exit status the process will have
+        finish_loggers(loggers, exit_code=user_error(err, cfg)[0] or 1)
+        raise
+    finish_loggers(loggers)
     log.info("summary: test_acc %.4f at %.3g avg MACs (%.1f%% of the backbone); written to %s",
              summary["test_acc"], summary["avg_macs"], 100 * summary["relative_macs"], run_dir / "summary.json")
     return summary
 
 
+def cli() -> None:
+    """`python -m ee_nas.run`: a config Hydra cannot compose (a wrong type, an unknown key, a missing option)
+    stops with one line and exit status 2, like every other config error."""
+    from hydra.errors import ConfigCompositionException
+
+    from ee_nas.config import composition_error
+
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us instead of Hydra's multi-line report
+    try:
+        main()
+    except ConfigCompositionException as err:
+        if full_error == "1":
+            raise
+        log.error("%s", composition_error(err))
+        raise SystemExit(2) from None
+    finally:
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -13,8 +13,8 @@ from ee_nas.utils import atomic_write_json
 RUN_CONFIG = "run_config.json"
 #: keys that change how a run is executed or logged, not its results: a rerun may change them
 #: (data.root: where the data lies, e.g. a node-local copy on a cluster)
-RESUME_IRRELEVANT = ("paths", "logger", "name", "resume", "evaluation.device", "data.root", "data.num_workers",
-                     "data.pin_memory", "data.download", "trainer.enable_progress_bar",
+RESUME_IRRELEVANT = ("paths", "logger", "callbacks", "name", "resume", "evaluation.device", "data.root",
+                     "data.num_workers", "data.pin_memory", "data.download", "trainer.enable_progress_bar",
                      "trainer.enable_model_summary", "trainer.log_every_n_steps")
 RESULTS = ("summary.json", "archive.json", "checkpoints/last.ckpt")
 

@@ -20,7 +20,10 @@ def compose_with(*overrides: str):
 
 
 def resolved(cfg, key):
+    from hydra.core.hydra_config import HydraConfig
+
     cfg.hydra.runtime.output_dir = "/tmp/ee_nas_test_out"
+    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.output_dir} (paths.run_dir) resolves
     return OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)
 
 
@@ -82,7 +85,7 @@ def test_data_configs_resolve(name, tmp_path):
             cls(**node)
 
 
-@pytest.mark.parametrize("group", ["logger", "thresholds", "training"])
+@pytest.mark.parametrize("group", ["logger", "callbacks", "thresholds", "training"])
 def test_plain_groups_compose(group):
     for name in options(group):
         cfg = compose_with(f"{group}={name}")
@@ -102,3 +105,31 @@ def test_debug_smoke_wins_over_any_experiment():
     cfg = apply_debug(compose_with("+experiment=svhn_search", "debug=smoke"))
     assert cfg.trainer.max_epochs == 1 and cfg.trainer.accelerator == "cpu"
     assert cfg.search.pop_size == 4 and "debug" not in cfg
+
+
+@pytest.mark.parametrize("name", options("logger") + options("callbacks"))
+def test_logger_and_callback_options_instantiate(name, tmp_path):
+    """Loggers and callbacks are config (conf/logger/, conf/callbacks/): each option builds its Lightning objects."""
+    group = "logger" if name in options("logger") else "callbacks"
+    if name == "tensorboard":
+        pytest.importorskip("tensorboard")
+    cfg = compose_with(f"{group}={name}", "logger.wandb.mode=disabled" if name in ("default", "wandb") else "seed=0")
+    nodes = resolved(cfg, group)
+    built = [instantiate({**n, **({"save_dir": str(tmp_path)} if "save_dir" in n else {})}) for n in nodes.values()]
+    assert all(type(b).__name__ in str(n["_target_"]) for b, n in zip(built, nodes.values()))
+
+
+def test_trainer_schema_follows_lightning():
+    """conf's TrainerConf lists lightning.Trainer's keywords with Lightning's own defaults."""
+    import dataclasses
+    import inspect
+
+    from lightning import Trainer
+
+    from ee_nas.schemas import TRAINER_PIPELINE_ARGS, TrainerConf
+
+    params = inspect.signature(Trainer.__init__).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(TrainerConf) if f.name != "_target_"}
+    assert {name: params[name].default for name in fields} == fields
+    left_out = set(params) - set(fields) - {"self", *TRAINER_PIPELINE_ARGS}
+    assert left_out <= {"enable_autolog_hparams", "model_registry"}  # newer than the lightning floor
