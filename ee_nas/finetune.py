@@ -17,9 +17,12 @@ the arch.yaml).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import torch
@@ -28,12 +31,14 @@ from ee_nas.lit_module import MultiExitModule, NonFiniteLossError
 from ee_nas.models.bn import recalibrate_bn
 from ee_nas.genome import Genome
 from ee_nas.pipeline import save_subnet
-from ee_nas.select import evaluate_subnet, load_run, parse_key_values
+from ee_nas.cli import arg, parse
+from ee_nas.select import evaluate_subnet, load_run, target_keys
 
 log = logging.getLogger(__name__)
 
 REPORT_KEYS = ("test_acc", "avg_macs", "relative_macs", "val_acc", "val_avg_macs", "final_exit_test_acc",
-               "meets_target", "exit_rates", "thresholds")
+               "meets_target", "exit_rates", "thresholds", "avg_cost", "val_avg_cost",
+               "avg_latency_ms", "val_avg_latency_ms")  # the latency keys only with a latency table
 
 
 class FinetuneModule(L.LightningModule):
@@ -67,6 +72,32 @@ class FinetuneModule(L.LightningModule):
         return loss
 
 
+def finetune_net(net, train_loader, training: dict, epochs: int, lr: float | None = None,
+                 device: torch.device | str = "cpu", calibration: torch.Tensor | None = None,
+                 eval_batch_size: int = 512, progress_bar: bool = False, logger=False):
+    """Train an extracted static subnet for `epochs` epochs with the supernet's joint per-exit loss, then
+    recalibrate its BatchNorm on `calibration`. `training` is the run's `training` config (plain dict);
+    `lr` defaults to a tenth of its optimizer's. Returns the net (trained in place) and the lr used."""
+    optimizer = dict(training["optimizer"])
+    optimizer["lr"] = float(lr) if lr is not None else 0.1 * float(optimizer.get("lr", 0.05))
+    if epochs > 0:
+        from omegaconf import OmegaConf
+
+        module = FinetuneModule(net, OmegaConf.create(optimizer), training.get("scheduler"),
+                                training["final_weight"], training["early_weight"], training["distill_weight"],
+                                training["distill_temperature"])
+        accelerator = "gpu" if torch.device(device).type == "cuda" else "cpu"
+        trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=logger,
+                            enable_checkpointing=False, enable_progress_bar=progress_bar,
+                            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                            log_every_n_steps=10)
+        trainer.fit(module, train_dataloaders=train_loader)
+    net = net.to(device)
+    if calibration is not None:
+        recalibrate_bn(net, calibration.to(device), eval_batch_size)
+    return net.eval(), optimizer["lr"]
+
+
 def resolve_arch(run_dir: Path, arch: str | None) -> Path:
     path = Path(arch) if arch else run_dir / "arch.yaml"
     if path.is_dir():
@@ -95,26 +126,16 @@ def finetune(run_dir: str | Path, arch: str | Path | None = None, epochs: int = 
     net = run.evaluator.subnet(genome)  # inherited weights, recalibrated BatchNorm
     before = evaluate_subnet(run, genome, net)
     training = OmegaConf.to_container(run.cfg.training, resolve=True)
-    optimizer = dict(training["optimizer"])
-    optimizer["lr"] = float(lr) if lr is not None else 0.1 * float(optimizer.get("lr", 0.05))
-    module = FinetuneModule(net, OmegaConf.create(optimizer), training.get("scheduler"),
-                            training["final_weight"], training["early_weight"], training["distill_weight"],
-                            training["distill_temperature"])
-    if epochs > 0:
-        accelerator = "gpu" if run.evaluator.device.type == "cuda" else "cpu"
-        trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=CSVLogger(out, name="csv"),
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=10)
-        trainer.fit(module, train_dataloaders=run.datamodule.train_dataloader())
-    net = net.to(run.evaluator.device)
-    recalibrate_bn(net, run.evaluator.calibration.to(run.evaluator.device), run.datamodule.eval_batch_size)
+    net, lr = finetune_net(net, run.datamodule.train_dataloader(), training, epochs, lr, run.evaluator.device,
+                           run.evaluator.calibration, run.datamodule.eval_batch_size, logger=CSVLogger(out, name="csv"))
     after = evaluate_subnet(run, genome, net)
     genome.save(out / "arch.yaml")
     save_subnet(out / "subnet.pt", genome, net, after.pop("_thresholds"), run.cfg.thresholds.measure)
     before.pop("_thresholds")
-    summary = {"run_dir": str(run.run_dir), "arch": str(arch_path), "epochs": epochs, "lr": optimizer["lr"],
-               "target_macs": run.target, "reference_macs": run.reference_macs,
-               "before": {k: before[k] for k in REPORT_KEYS}, "after": {k: after[k] for k in REPORT_KEYS},
+    summary = {"run_dir": str(run.run_dir), "arch": str(arch_path), "epochs": epochs, "lr": lr,
+               **target_keys(run), "reference_macs": run.reference_macs,
+               "before": {k: before[k] for k in REPORT_KEYS if k in before},
+               "after": {k: after[k] for k in REPORT_KEYS if k in after},
                "n_exits": genome.n_exits, "taps": list(genome.taps), "params": after["params"],
                "cum_macs": after["cum_macs"], "genome": genome.to_dict()}
     atomic_write_json(out / "finetune_summary.json", summary)
@@ -131,22 +152,23 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-FINETUNE_KEYS = {
-    "run_dir": (str, ..., "a finished ee_nas.run directory (checkpoints/last.ckpt, .hydra/)"),
-    "arch": (str, None, "arch.yaml or a directory holding one, e.g. selected/1_trade_off (default: run_dir/arch.yaml)"),
-    "epochs": (int, 5, "fine-tuning epochs"),
-    "lr": (float, None, "learning rate (default: a tenth of training.optimizer.lr)"),
-    "out": (str, None, "output directory (default: finetuned/ next to the arch.yaml)"),
-    "device": (str, None, "cpu | cuda (default: the run's evaluation.device)"),
-    "seed": (int, None, "seed (default: the run's seed)"),
-}
+@dataclass
+class FinetuneArgs:
+    run_dir: str = arg(help="a finished ee_nas.run directory (checkpoints/last.ckpt, .hydra/)")
+    arch: Optional[str] = arg(None, "arch.yaml or a directory holding one, e.g. selected/1_trade_off "
+                                    "(default: run_dir/arch.yaml)")
+    epochs: int = arg(5, "fine-tuning epochs")
+    lr: Optional[float] = arg(None, "learning rate (default: a tenth of training.optimizer.lr)")
+    out: Optional[str] = arg(None, "output directory (default: finetuned/ next to the arch.yaml)")
+    device: Optional[str] = arg(None, "cpu | cuda (default: the run's evaluation.device)")
+    seed: Optional[int] = arg(None, "seed (default: the run's seed)")
 
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    a = parse_key_values(argv, "python -m ee_nas.finetune", __doc__.split("\n\n")[0], FINETUNE_KEYS)
+    a = parse(FinetuneArgs, argv, "python -m ee_nas.finetune", __doc__.split("\n\n")[0])
     try:
-        summary = finetune(**a)
+        summary = finetune(**dataclasses.asdict(a))
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     print(format_summary(summary))

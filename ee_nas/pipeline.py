@@ -48,6 +48,30 @@ def make_callbacks(cfg: DictConfig, run_dir: Path, hardware) -> tuple[list, obje
     return callbacks, nas
 
 
+def finetune_chosen(cfg: DictConfig, net, genome: Genome, evaluator, datamodule, target) -> dict:
+    """Fine-tune the chosen network in place as a static net (`finetune.epochs`, 0 = off); returns the
+    summary entries that record it, with the val/test accuracy it had before (thresholds tuned alike)."""
+    epochs = int(cfg.get("finetune", {}).get("epochs", 0) or 0)
+    if epochs <= 0:
+        return {"finetune_epochs": 0}
+    from omegaconf import OmegaConf
+
+    from ee_nas.finetune import finetune_net
+
+    out = evaluator.outputs(genome, ("val", "test"), net=net)
+    cum_cost = evaluator.cum_cost(genome)
+    policy = tune_thresholds(out["val"].conf, out["val"].correct, cum_cost, evaluator.exit_target(genome, target),
+                             max_candidates=cfg.thresholds.max_candidates)
+    before = evaluate_policy(out["test"].conf, out["test"].correct, cum_cost, policy.thresholds)
+    log.info("fine-tuning the chosen network for %d epochs (test acc before: %.4f)", epochs, before.accuracy)
+    torch.manual_seed(cfg.seed)
+    finetune_net(net, datamodule.train_dataloader(), OmegaConf.to_container(cfg.training, resolve=True), epochs,
+                 cfg.finetune.get("lr"), evaluator.device, evaluator.calibration, datamodule.eval_batch_size,
+                 progress_bar=bool(cfg.trainer.get("enable_progress_bar", False)))
+    return {"finetune_epochs": epochs, "pre_finetune_test_acc": float(before.accuracy),
+            "pre_finetune_val_acc": float(policy.accuracy)}
+
+
 def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hardware, nas) -> dict:
     """Tune the chosen subnet's thresholds on val, report on test, sweep, write summary.json."""
     supernet = module.supernet.eval()  # each extracted subnet goes to the evaluation device
@@ -67,11 +91,13 @@ def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hard
     else:
         genome, search = nas.result["genome"], nas.result
     net = evaluator.subnet(genome)
+    finetuned = finetune_chosen(cfg, net, genome, evaluator, datamodule, target)
     out = evaluator.outputs(genome, ("val", "test"), net=net)
     val, test = out["val"], out["test"]
     costs = evaluator.costs.costs(genome)
     cum, cum_cost = costs.cum_macs, evaluator.cum_cost(genome)
-    policy = tune_thresholds(val.conf, val.correct, cum_cost, target, max_candidates=cfg.thresholds.max_candidates)
+    policy = tune_thresholds(val.conf, val.correct, cum_cost, evaluator.exit_target(genome, target),
+                            max_candidates=cfg.thresholds.max_candidates)
     tested = evaluate_policy(test.conf, test.correct, cum, policy.thresholds).to_dict()
     test_cost = evaluate_policy(test.conf, test.correct, cum_cost, policy.thresholds).avg_macs
     val_macs = float(policy.exit_rates @ cum)
@@ -91,7 +117,9 @@ def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hard
         "test_acc": tested["accuracy"], "final_exit_test_acc": float(test.correct[:, -1].mean()),
         "val_acc": policy.accuracy, "final_exit_val_acc": float(val.correct[:, -1].mean()),
         "avg_macs": tested["avg_macs"], "val_avg_macs": val_macs,
-        "backbone_macs": costs.backbone_macs, "reference_macs": ref,
+        "backbone_macs": costs.backbone_macs, "own_backbone_macs": costs.backbone_macs, "reference_macs": ref,
+        # did the exits, not a smaller backbone, meet the budget? (DESIGN: exit_saving)
+        "exit_saving": 1.0 - tested["avg_macs"] / costs.backbone_macs,
         "relative_macs": tested["avg_macs"] / ref, "objective": hardware.objective,
         "target_macs": target if hardware.objective == "macs" else None,
         "meets_target": target is None or test_cost <= target, "val_meets_target": policy.feasible,
@@ -101,7 +129,7 @@ def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hard
         "oracle_test_acc": oracle["accuracy"], "oracle_avg_macs": oracle["avg_macs"],
         "energy_mj": hardware.energy_mj(tested["avg_macs"]),
         "n_evaluated": search["n_evaluated"], "hypervolume": search["hypervolume"],
-        "genome": genome.to_dict(),
+        "genome": genome.to_dict(), **finetuned,
     }
     if latency is not None:  # measured on this machine at batch size 1 (hardware.lut_threads threads)
         cum_ms = latency.predict(genome)

@@ -133,7 +133,7 @@ def run(cfg: DictConfig) -> dict:
     from ee_nas.checkpointing import AtomicCheckpointIO, RunInterrupted, resume_checkpoint
     from ee_nas.distributed import check_trainer_config, on_rank_zero, process_rank
     from ee_nas.pipeline import evaluate_and_report, make_callbacks
-    from ee_nas.run_dir import claim_run_dir
+    from ee_nas.run_dir import adopt_supernet, claim_run_dir
     from ee_nas.utils import remove_stale_temp_files
 
     run_dir = Path(cfg.paths.run_dir)
@@ -141,6 +141,8 @@ def run(cfg: DictConfig) -> dict:
     check_trainer_config(cfg)
     if process_rank() == 0:  # DDP: the other ranks start in this directory once rank 0 has claimed it
         claim_run_dir(cfg, run_dir)
+        if adopted := adopt_supernet(cfg, run_dir):
+            log.info("starting from the trained supernet %s", adopted)
         remove_stale_temp_files(run_dir, run_dir / "checkpoints")
     seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")

@@ -74,3 +74,43 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path) -> None:
                           f"choose a new directory (hydra.run.dir=...) or drop resume=false to resume")
     if not record.exists() or not results:  # a run that stopped before any result may change its config
         atomic_write_json(record, {"config_hash": digest, "config": config})
+
+
+#: what decides a trained supernet's weights: a run may start from another run's supernet when these agree
+SUPERNET_KEYS = ("seed", "data", "backbone", "search_space", "training", "trainer")
+#: ... except these, which only change how the trained supernet is searched
+SEARCH_ONLY_KEYS = ("search_space.min_exit_saving", *RESUME_IRRELEVANT)
+
+
+def adopt_supernet(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """`supernet_from=RUN_DIR|CKPT`: start this run from another run's trained supernet (its
+    checkpoints/last.ckpt), so searching one supernet at several targets trains it once.
+
+    Refused, with the first differing key named, when the source run's config would have trained a
+    different supernet. A run directory that has a checkpoint of its own resumes from it instead.
+    """
+    import shutil
+
+    source = cfg.get("supernet_from")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not source or last.exists():
+        return None
+    source = Path(source)
+    ckpt = source / "checkpoints" / "last.ckpt" if source.is_dir() else source
+    if not ckpt.is_file():
+        raise ConfigError(f"config error: supernet_from={source}: no supernet checkpoint there "
+                          "(give a finished run directory or its checkpoints/last.ckpt)")
+    record = ckpt.parent.parent / RUN_CONFIG
+    if record.is_file():
+        theirs = _flatten({k: v for k, v in json.loads(record.read_text())["config"].items() if k in SUPERNET_KEYS})
+        ours = _flatten(json.loads(json.dumps({k: v for k, v in run_config(cfg).items() if k in SUPERNET_KEYS},
+                                              default=str)))
+        for key in sorted(set(theirs) | set(ours)):
+            if theirs.get(key) != ours.get(key) and key not in SEARCH_ONLY_KEYS:
+                raise ConfigError(f"config error: supernet_from={source} trained another supernet: {key} is "
+                                  f"{theirs.get(key)!r} there and {ours.get(key)!r} here")
+    last.parent.mkdir(parents=True, exist_ok=True)
+    tmp = last.with_suffix(".ckpt.tmp")
+    shutil.copy2(ckpt, tmp)
+    tmp.replace(last)
+    return ckpt

@@ -1,93 +1,240 @@
-"""Baselines in one harness: static backbone, fixed exits, placement-only, random search and AEBNAS.
+"""Early exits against static NAS at equal cost: every searchable method at several targets, several seeds.
 
-    python experiments/compare_baselines.py --seeds 1 2 3                 # digits, the default budget
-    python experiments/compare_baselines.py --seeds 1 2 3 --tag cifar10 +experiment=cifar10_search
+    python experiments/compare_baselines.py                                # digits: 5 seeds x 3 targets
+    python experiments/compare_baselines.py --seeds 0 1 --targets 0.35 --jobs 2
+    python experiments/compare_baselines.py --tag cifar10 +experiment=cifar10_search trainer=gpu
 
-Every method runs `python -m ee_nas.run` with the same data, training budget,
-hardware target and evaluation; random search reuses the AEBNAS run's trained
-supernet (same space, same seed), so the two differ only in the search
-algorithm, with the same number of evaluations. Writes
-`experiments/results/baselines_<tag>.{md,json,png}` plus each run's directory.
+Methods (same data, supernet recipe, training budget, search budget and evaluation):
+`aebnas` (NSGA-II over backbone + exit placement + branch design), `random` (random search
+over the same space and supernet), `placement_only` (NACHOS/EDANAS-style fixed head) and
+`static_nas` (the backbone searched, no exits: the decisive baseline). `--references`
+adds the target-independent `fixed` (hand-placed exits) and `static` (largest backbone) runs.
+
+The supernet does not depend on the target: for each seed and space it is trained once (at the
+first target) and every other target starts from it (`supernet_from=`), so a target costs a
+search, not a training. Writes `experiments/results/iso_cost_<tag>.json` (one record per run),
+`.md` (mean ± sample std, paired differences to static_nas with 95% intervals) and `.png`.
 """
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
+import os
 import subprocess
 import sys
 import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aggregate import aggregate, markdown  # noqa: E402
-from ee_nas import CONF_DIR
+import numpy as np
 
-METHODS = {  # name -> overrides
-    "aebnas": ["search_space=aebnas", "search=nsga2"],
-    "random": ["search_space=aebnas", "search=random"],
-    "placement_only": ["search_space=placement_only", "search=nsga2"],
-    # hand-placed exits on the largest backbone, and the backbone alone, cannot meet a tight target
-    # (the run refuses such a config): they run unconstrained and the table shows what they cost
+METHODS = {  # name -> (overrides, the method whose supernet it searches)
+    "aebnas": (["search_space=aebnas", "search=nsga2"], "aebnas"),
+    # ablation: the same supernet and search without the exit-saving floor
+    "aebnas_no_floor": (["search_space=aebnas", "search=nsga2", "search_space.min_exit_saving=0"], "aebnas"),
+    "static_nas": (["search_space=static_nas", "search=nsga2"], "static_nas"),
+    "placement_only": (["search_space=placement_only", "search=nsga2"], "placement_only"),
+    "random": (["search_space=aebnas", "search=random"], "aebnas"),
+}
+REFERENCES = {  # cannot meet a tight target (their cheapest exit costs more): run unconstrained
     "fixed": ["search_space=fixed", "hardware=unconstrained"],
     "static": ["search_space=static", "hardware=unconstrained"],
 }
+BASELINE = "static_nas"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
-CONF = CONF_DIR
-
-
-def common(seed: int, overrides: list[str]) -> list[str]:
-    return [f"seed={seed}", "logger=csv", "trainer.enable_progress_bar=false", *overrides]
-
-
-def adopt_checkpoint(trained: Path, run_dir: Path, seed: int, overrides: list[str]) -> None:
-    """Start `run_dir` from another run's trained supernet: copy last.ckpt and record this run's
-    config, so the run-directory guard accepts the checkpoint as this run's own."""
-    from hydra import compose, initialize_config_dir
-
-    from ee_nas.run_dir import RUN_CONFIG, config_hash, run_config
-    from ee_nas.utils import atomic_write_json
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        config = run_config(compose("config", overrides=common(seed, overrides)))
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(trained, run_dir / "checkpoints" / "last.ckpt")
-    atomic_write_json(run_dir / RUN_CONFIG, {"config_hash": config_hash(config), "config": config})
-
-
-def run_one(run_dir: Path, seed: int, overrides: list[str]) -> float:
-    cmd = [sys.executable, "-m", "ee_nas.run", f"hydra.run.dir={run_dir}", *common(seed, overrides)]
+def run_one(run_dir: Path, seed: int, overrides: list[str], threads: int) -> float:
+    """One `python -m ee_nas.run` in `run_dir` (skipped when it already has a summary); returns wall seconds."""
+    if (run_dir / "summary.json").exists():
+        return float(json.loads((run_dir / "record.json").read_text())["wall_s"]) if (run_dir / "record.json").exists() else 0.0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "ee_nas.run", f"hydra.run.dir={run_dir}", f"seed={seed}", "logger=csv",
+           "trainer.enable_progress_bar=false", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     started = time.perf_counter()
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-    return time.perf_counter() - started
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    wall = time.perf_counter() - started
+    (run_dir / "record.json").write_text(json.dumps({"wall_s": wall}))
+    return wall
+
+
+def record(run_dir: Path, method: str, target: float | None, seed: int, wall_s: float, trained: bool) -> dict:
+    s = json.loads((run_dir / "summary.json").read_text())
+    return {
+        "method": method, "target_fraction": target, "seed": seed, "test_acc": s["test_acc"], "val_acc": s["val_acc"],
+        "relative_macs": s["relative_macs"], "own_backbone_macs": s["own_backbone_macs"], "avg_macs": s["avg_macs"],
+        "hypervolume": s["hypervolume"], "wall_s": wall_s, "trained_supernet": trained,
+        "exit_saving": s["exit_saving"], "n_exits": s["n_exits"], "final_exit_test_acc": s["final_exit_test_acc"],
+        "pre_finetune_test_acc": s.get("pre_finetune_test_acc"), "meets_target": s["meets_target"],
+        "run_dir": str(run_dir),
+    }
+
+
+def run_all(args) -> list[dict]:
+    """Phase 1 trains one supernet per (seed, space) at the first target; phase 2 searches the rest."""
+    root = args.runs
+    first = args.targets[0]
+    jobs1, jobs2 = [], []
+    for seed in args.seeds:
+        for method in args.methods:
+            overrides, owner = METHODS[method]
+            for target in args.targets:
+                run_dir = root / method / f"t{target:g}" / f"seed{seed}"
+                trains = method == owner and target == first
+                ovr = [*overrides, f"hardware.target_fraction={target}", *args.overrides]
+                if not trains:
+                    ovr.append(f"supernet_from={root / owner / f't{first:g}' / f'seed{seed}'}")
+                (jobs1 if trains else jobs2).append((run_dir, method, target, seed, ovr, trains))
+        for method in args.references:
+            jobs1.append((root / method / f"seed{seed}", method, None, seed, [*REFERENCES[method], *args.overrides],
+                          True))
+
+    def go(job):
+        run_dir, method, target, seed, ovr, trains = job
+        try:
+            wall = run_one(run_dir, seed, ovr, args.threads)
+        except subprocess.CalledProcessError:
+            print(f"[failed] {method} target {target} seed {seed}: see {run_dir.parent / run_dir.name}.log", flush=True)
+            return None
+        print(f"[done] {method} target {target} seed {seed}: {wall:.0f} s", flush=True)
+        rec = record(run_dir, method, target, seed, wall, trains)
+        with open(args.partial, "a") as f:  # what a killed sweep had finished
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+    # the decisive comparison first: a sweep cut short still has aebnas vs static_nas
+    jobs2.sort(key=lambda job: list(METHODS).index(job[1]) if job[1] != BASELINE else -1)
+    records = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for phase in (jobs1, jobs2):
+            records += [r for r in pool.map(go, phase) if r is not None]
+    return records
+
+
+def t_interval(diffs: np.ndarray) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of paired differences (sample std, ddof=1)."""
+    from scipy import stats
+
+    mean = float(diffs.mean())
+    if len(diffs) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs)))
+    return mean, mean - half, mean + half
+
+
+def mean_std(values) -> str:
+    v = np.asarray([x for x in values if x is not None], float)
+    if not len(v):
+        return "–"
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
+
+
+def paired(records: list[dict], method: str, target) -> np.ndarray:
+    """Per-seed test-accuracy differences (pp) of `method` minus static_nas at `target`."""
+    acc = defaultdict(dict)
+    for r in records:
+        acc[r["method"], r["target_fraction"]][r["seed"]] = r["test_acc"]
+    mine, base = acc[method, target], acc[BASELINE, target]
+    return np.array([100 * (mine[s] - base[s]) for s in sorted(set(mine) & set(base))])
+
+
+def table(records: list[dict]) -> str:
+    targets = sorted({r["target_fraction"] for r in records if r["target_fraction"] is not None})
+    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    lines = ["| method | target | runs | test acc (%) | avg MACs / largest backbone | exit_saving | "
+             "test acc before fine-tuning (%) | Δ test acc vs static_nas (pp), 95% CI |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method in methods:
+        for target in targets:
+            rs = [r for r in records if r["method"] == method and r["target_fraction"] == target]
+            if not rs:
+                continue
+            d = paired(records, method, target)
+            delta = "–" if method == BASELINE or not len(d) else "{:+.2f} [{:+.2f}, {:+.2f}]".format(*t_interval(d))
+            lines.append(f"| {method} | {target:g} | {len(rs)} | {mean_std(100 * r['test_acc'] for r in rs)} | "
+                         f"{mean_std(r['relative_macs'] for r in rs)} | {mean_std(r['exit_saving'] for r in rs)} | "
+                         f"{mean_std(None if r['pre_finetune_test_acc'] is None else 100 * r['pre_finetune_test_acc'] for r in rs)} | {delta} |")
+    for method in [m for m in REFERENCES if any(r["method"] == m for r in records)]:
+        rs = [r for r in records if r["method"] == method]
+        lines.append(f"| {method} (unconstrained) | – | {len(rs)} | {mean_std(100 * r['test_acc'] for r in rs)} | "
+                     f"{mean_std(r['relative_macs'] for r in rs)} | {mean_std(r['exit_saving'] for r in rs)} | "
+                     f"{mean_std(None if r['pre_finetune_test_acc'] is None else 100 * r['pre_finetune_test_acc'] for r in rs)} | – |")
+    lines.append("")
+    for method in [m for m in methods if m != BASELINE]:
+        d = np.concatenate([paired(records, method, t) for t in targets])
+        if len(d):
+            m, lo, hi = t_interval(d)
+            lines.append(f"- {method} − static_nas over all {len(d)} (seed, target) pairs: **{m:+.2f} pp** "
+                         f"(95% CI [{lo:+.2f}, {hi:+.2f}])")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method in [m for m in METHODS if any(r["method"] == m for r in records)]:
+        by_target = defaultdict(list)
+        for r in records:
+            if r["method"] == method:
+                by_target[r["target_fraction"]].append(r)
+        xs, ys, es = [], [], []
+        for t in sorted(by_target):
+            rs = by_target[t]
+            xs.append(np.mean([r["relative_macs"] for r in rs]))
+            acc = [100 * r["test_acc"] for r in rs]
+            ys.append(np.mean(acc))
+            es.append(np.std(acc, ddof=1) if len(acc) > 1 else 0.0)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method, alpha=0.85)
+    ax.set_xlabel("avg MACs / largest backbone MACs (test)")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(records: list[dict], out: Path, meta: dict) -> str:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
+    md = table(records)
+    out.with_suffix(".md").write_text(f"{meta['title']}\n\n{md}")
+    plot(records, out.with_suffix(".png"))
+    return md
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.25, 0.35, 0.5],
+                        help="avg-MACs targets as fractions of the largest backbone")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--references", nargs="*", default=[], choices=list(REFERENCES))
     parser.add_argument("--tag", default="digits")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--runs", type=Path, default=None, help="where the run directories go")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every method")
+    parser.add_argument("--out", type=Path, default=None, help="results file stem (default results/iso_cost_<tag>)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
     args = parser.parse_args()
-    root = args.runs or Path("experiments/results/runs") / f"baselines_{args.tag}"
-    for seed in args.seeds:
-        for method in args.methods:
-            run_dir = root / method / f"seed{seed}"
-            if (run_dir / "summary.json").exists():
-                print(f"[skip] {method} seed {seed}: {run_dir} already has a summary")
-                continue
-            run_dir.mkdir(parents=True, exist_ok=True)
-            trained = root / "aebnas" / f"seed{seed}" / "checkpoints" / "last.ckpt"
-            if method == "random" and trained.exists():  # same space and seed: reuse the trained supernet
-                adopt_checkpoint(trained, run_dir, seed, [*METHODS[method], *args.overrides])
-            seconds = run_one(run_dir, seed, [*METHODS[method], *args.overrides])
-            print(f"[done] {method} seed {seed}: {seconds:.0f} s ({run_dir})", flush=True)
-    out = Path("experiments/results") / f"baselines_{args.tag}"
-    summary = aggregate([root], out)
-    print(markdown(summary))
-    print(f"written: {out}.md, {out}.json, {out}.png")
+    args.runs = (args.runs or RESULTS / "runs" / f"iso_cost_{args.tag}").resolve()
+    needs = {METHODS[m][1] for m in args.methods} - set(args.methods)
+    if needs:
+        parser.error(f"--methods {' '.join(args.methods)}: also list {', '.join(sorted(needs))} (whose supernet they search)")
+    out = args.out or RESULTS / f"iso_cost_{args.tag}"
+    args.partial = out.with_suffix(".partial.jsonl")
+    records = run_all(args)
+    meta = {"title": f"# Iso-cost comparison on {args.tag}: seeds {args.seeds}, targets {args.targets}",
+            "command": " ".join(sys.argv), "seeds": args.seeds, "targets": args.targets, "overrides": args.overrides}
+    print(write(records, out, meta))
+    print(f"written: {out}.json, .md, .png")
 
 
 if __name__ == "__main__":

@@ -339,7 +339,7 @@ class LatencyTable:
         return ms, out
 
     def _classifier_uncached(self, tap: int, in_shape: tuple) -> float:
-        linear = self.supernet.branches[str(tap)].classifier.extract(in_shape[0])
+        linear = self.supernet.branches[str(tap)].classifiers["none"].extract(in_shape[0])  # same shape for every kind
         module = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear)
         return self._time(f"classifier_in{in_shape[0]}_r{in_shape[-1]}", module, in_shape)
 

@@ -56,8 +56,17 @@ class ElasticBranchLayer(nn.Module):
         return self.ops[layer.op].extract(in_ch, layer.width)
 
 
+def classifier_key(layers: Sequence[BranchLayer]) -> str:
+    """Which classifier a branch ends in: that of its last convolutional op, or "none" (raw tap features).
+
+    One classifier shared by every op saw raw tap features from the smallest subnet and mbconv
+    features from the largest in the same step and fitted neither (exits at or below chance).
+    """
+    return next((layer.op for layer in reversed(layers) if layer.op in CONV_OPS), "none")
+
+
 class ElasticBranch(nn.Module):
-    """All candidate branches at one tap, sharing weights."""
+    """All candidate branches at one tap, sharing the layer weights; one classifier per feature kind."""
 
     def __init__(self, in_ch: int, num_classes: int, max_layers: int, ops: Sequence[str],
                  widths: Sequence[int]):
@@ -68,16 +77,18 @@ class ElasticBranch(nn.Module):
         max_in = max(in_ch, max_width)
         self.layers = nn.ModuleList(
             [ElasticBranchLayer(in_ch if i == 0 else max_in, max_width, conv_ops) for i in range(max_layers)])
-        self.classifier = ElasticLinear(max_in, num_classes)
+        self.classifiers = nn.ModuleDict({key: ElasticLinear(max_in, num_classes)
+                                          for key in ["none", *conv_ops] if key == "none" or max_layers})
 
     def forward(self, x, layers: Sequence[BranchLayer]):
         for slot, layer in zip(self.layers, layers):
             x = slot(x, layer)
-        return self.classifier(x.mean(dim=(2, 3)))
+        return self.classifiers[classifier_key(layers)](x.mean(dim=(2, 3)))
 
     def extract(self, layers: Sequence[BranchLayer]) -> nn.Sequential:
         modules, ch = [], self.in_ch
         for slot, layer in zip(self.layers, layers):
             modules.append(slot.extract(ch, layer))
             ch = layer.width or ch
-        return nn.Sequential(*modules, nn.AdaptiveAvgPool2d(1), nn.Flatten(), self.classifier.extract(ch))
+        return nn.Sequential(*modules, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             self.classifiers[classifier_key(layers)].extract(ch))

@@ -68,6 +68,16 @@ class SubnetEvaluator:
         """Per-exit cumulative cost in the objective's unit: MACs, or ms from the latency table."""
         return self.latency.predict(genome) if self.by_latency else self.costs.costs(genome).cum_macs
 
+    def exit_target(self, genome, target: float | None) -> float | None:
+        """The budget thresholds are tuned to: the hardware target, tightened so that the exits save at least
+        `search_space.min_exit_saving` of the network's own backbone cost (both in the objective's unit)."""
+        floor = self.supernet.space.min_exit_saving
+        if not floor:
+            return target
+        own = (self.latency.backbone_latency(genome) if self.by_latency
+               else self.costs.costs(genome).backbone_macs)
+        return (1.0 - floor) * own if target is None else min(target, (1.0 - floor) * own)
+
     def score(self, genome, target: float | None) -> dict:
         """Validation accuracy after per-candidate threshold tuning, its avg cost and the hardware caps.
 
@@ -77,7 +87,8 @@ class SubnetEvaluator:
         costs = self.costs.costs(genome)
         cum_cost = self.latency.predict(genome) if self.by_latency else costs.cum_macs  # = cum_cost(genome)
         val = self.outputs(genome, ("val",))["val"]
-        policy = tune_thresholds(val.conf, val.correct, cum_cost, target, max_candidates=self.max_candidates)
+        policy = tune_thresholds(val.conf, val.correct, cum_cost, self.exit_target(genome, target),
+                                 max_candidates=self.max_candidates)
         p = policy.to_dict()
         violations = self._violations(genome, costs)
         record = {

@@ -20,7 +20,7 @@ OP_COST_ORDER = ("mbconv6", "mbconv3", "conv3x3", "dwsep3x3", "avgpool", "maxpoo
 class SearchSpace:
     def __init__(self, backbone, name: str = "aebnas", exit_taps: str | Sequence[int] = "all",
                  min_exits: int = 1, max_exits: int = 3, search_backbone: bool = True,
-                 branch: Mapping | None = None):
+                 branch: Mapping | None = None, min_exit_saving: float = 0.0):
         branch = dict(branch or {})
         self.name, self.search_backbone = name, bool(search_backbone)
         self.stage_depths, self.min_depth = list(backbone.stage_depths), backbone.min_depth
@@ -43,6 +43,11 @@ class SearchSpace:
             raise ValueError(f"search_space.min_exits={min_exits}, max_exits={max_exits}: need "
                              f"0 <= min_exits <= max_exits <= {len(self.candidate_taps)} (candidate taps)")
         self.min_exits, self.max_exits = int(min_exits), int(max_exits)
+        if not 0.0 <= float(min_exit_saving) < 1.0 or (min_exit_saving and not self.max_exits):
+            raise ValueError(f"search_space.min_exit_saving={min_exit_saving}: need 0 <= min_exit_saving < 1, and "
+                             "0 for a space without early exits")
+        # a network whose exits save less than this share of its own backbone's cost is no early-exit network
+        self.min_exit_saving = float(min_exit_saving)
 
     def _check_branch(self) -> None:
         unknown = [op for op in self.ops if op not in BRANCH_OPS]

@@ -43,12 +43,12 @@ def inputs(supernet, n=3, seed=1):
     return torch.randn(n, supernet.backbone.in_channels, s, s, generator=torch.Generator().manual_seed(seed))
 
 
-# every branch op, as first and as second layer; residual mbconv (16 -> 16 at tap 0, 32 -> 32 in layer 2)
+# every branch op, as first and as second layer (taps exist in both backbones: 7 and 9 blocks)
 BRANCHES = [
-    {0: [("mbconv3", 16)], 3: [("conv3x3", 16), ("conv3x3", 32)], 6: [("maxpool", 0), ("avgpool", 0)]},
-    {1: [("dwsep3x3", 32), ("dwsep3x3", 16)], 4: [("mbconv6", 32), ("mbconv3", 32)], 6: [("conv3x3", 32), ("maxpool", 0)]},
-    {2: [("avgpool", 0), ("mbconv6", 16)], 5: [("maxpool", 0)], 6: []},
-    {0: [("conv3x3", 32), ("mbconv6", 16)], 5: [("mbconv3", 16), ("dwsep3x3", 32)], 6: [("avgpool", 0), ("maxpool", 0)]},
+    {0: [("mbconv3", 16)], 3: [("conv3x3", 16), ("conv3x3", 32)], 5: [("maxpool", 0), ("avgpool", 0)]},
+    {1: [("dwsep3x3", 32), ("dwsep3x3", 16)], 4: [("mbconv6", 32), ("mbconv3", 32)], 5: [("conv3x3", 32), ("maxpool", 0)]},
+    {2: [("avgpool", 0), ("mbconv6", 16)], 4: [("maxpool", 0)], 5: []},
+    {0: [("conv3x3", 32), ("mbconv6", 16)], 3: [("mbconv3", 16), ("dwsep3x3", 32)], 5: [("avgpool", 0), ("maxpool", 0)]},
 ]
 
 
@@ -84,8 +84,6 @@ def test_hand_genomes_supernet_equals_extracted(supernet):
     for genome in hand_genomes(supernet.space, rng):
         static_net = assert_same_outputs(supernet, genome, x)
         assert static_net.taps == list(genome.taps)
-    # the branch at tap 6 pools a 2x2 map to 1x1 and pools that 1x1 map again
-    assert supernet.backbone.tap_resolution[6] == 2
 
 
 def test_random_genomes_supernet_equals_extracted(supernet):

@@ -178,10 +178,11 @@ def test_validate_names_the_reason(spaces):
         space.validate(with_exits(ExitBranch(0, (BranchLayer("conv3x3", 24),))))
     with pytest.raises(ValueError, match="3 layers, valid 0..2"):
         space.validate(with_exits(ExitBranch(0, layer * 3)))
-    with pytest.raises(ValueError, match="tap 7 is not an active candidate tap"):  # the final block
-        space.validate(with_exits(ExitBranch(7, layer)))
-    too_deep = Genome([2] + list(full.depths[1:]), full.expands, full.kernels, [ExitBranch(0, layer)])
-    with pytest.raises(ValueError, match="depth of stage 0 is 2, valid 1..1"):
+    last = space.n_blocks - 1
+    with pytest.raises(ValueError, match=f"tap {last} is not an active candidate tap"):  # the final block
+        space.validate(with_exits(ExitBranch(last, layer)))
+    too_deep = Genome([full.depths[0] + 1] + list(full.depths[1:]), full.expands, full.kernels, [ExitBranch(0, layer)])
+    with pytest.raises(ValueError, match=f"depth of stage 0 is {full.depths[0] + 1}, valid 1..{full.depths[0]}"):
         space.validate(too_deep)
     too_shallow = Genome([1, 0] + list(full.depths[2:]), full.expands, full.kernels, [ExitBranch(0, layer)])
     with pytest.raises(ValueError, match="depth of stage 1 is 0"):
