@@ -207,8 +207,11 @@ class OFAMobileNetV3(ElasticBackbone):
             if ofa_name.startswith("classifier.") and got[1:] == want[1:]:
                 fresh.append(name)  # another number of classes: this task's classifier starts fresh
                 continue
-            hint = "; a width-1.2 supernet needs backbone=ofa_mbv3_w12" if ofa_name == "first_conv.conv.weight" \
-                and got[0] != want[0] else ""
+            hint = ""
+            if ofa_name == "first_conv.conv.weight" and got[0] != want[0]:
+                hint = "; a width-1.2 supernet needs backbone=ofa_mbv3_w12"
+            elif ofa_name == "first_conv.conv.weight":
+                hint = f"; the checkpoint takes {got[1]} input channels, the data has {want[1]}"
             raise ConfigError(f"{misfit}: {ofa_name} is {list(got)} in the checkpoint, {list(want)} here{hint}")
         extra = [k for k in state if k not in names]
         if extra:

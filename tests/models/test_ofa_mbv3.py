@@ -168,6 +168,11 @@ def test_a_mismatched_checkpoint_stops_with_one_line(tmp_path, record_property):
     assert code == 2 and "\n" not in message and "[24, 3, 3, 3] in the checkpoint, [16, 1, 3, 3] here" in message
     assert not (tmp_path / "run" / "checkpoints").exists()
     record_property("mismatch_message", message)
+    w10 = tmp_path / "ofa_mbv3_d234_e346_k357_w1.0"
+    torch.save(ofa_checkpoint(OFAMobileNetV3(image_size=32)), w10)
+    with pytest.raises(ConfigError, match=r"first_conv.conv.weight is \[16, 3, 3, 3\] in the checkpoint, \[16, 1, 3, 3\] "
+                                          r"here; the checkpoint takes 3 input channels, the data has 1$"):
+        OFAMobileNetV3(image_size=32, in_channels=1, pretrained=str(w10))
     with pytest.raises(ConfigError, match=r"^config error: backbone.pretrained='/nonexistent' does not exist"):
         OFAMobileNetV3(image_size=32, pretrained="/nonexistent")
 
