@@ -62,7 +62,9 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
         for col in COLUMNS:
             vals = [r[col] for r in rs if r.get(col) is not None]
             if vals:
-                stats[col] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
+                # sample std over seeds (ddof=1: 3 seeds are a sample, not the population); 0 for one run
+                stats[col] = {"mean": float(np.mean(vals)),
+                              "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
         out[method] = stats
     return out
 

@@ -59,3 +59,17 @@ def test_cluster_configs_compose(overrides):
         assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
     else:
         assert cfg.trainer.strategy.find_unused_parameters  # the supernet leaves parameters unused
+
+
+def test_aggregate_std_is_the_sample_std_over_seeds():
+    import statistics
+
+    from aggregate import summarize
+
+    accs = [0.90, 0.92, 0.97]
+    rows = [{"method": "m", "seed": s, "test_acc": a} for s, a in zip((1, 2, 3), accs)]
+    rows.append({"method": "single", "seed": 1, "test_acc": 0.5})
+    stats = summarize(rows)
+    assert stats["m"]["test_acc"]["std"] == pytest.approx(statistics.stdev(accs))  # ddof=1
+    assert stats["m"]["test_acc"]["std"] == pytest.approx((0.0026 / 2) ** 0.5)  # squares .0009+.0001+.0016
+    assert stats["single"]["test_acc"] == {"mean": 0.5, "std": 0.0}

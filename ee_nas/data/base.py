@@ -338,16 +338,20 @@ class ImageDataModule(L.LightningDataModule):
         """Whole eval-transformed split in memory (x float32 [N,C,H,W], y int64 [N]), cached.
 
         The NAS search scores hundreds of candidates on the same data; loading it
-        once avoids re-running the loader per candidate. `max_samples` picks a
-        subset seeded by `split_seed`, so every candidate sees the same one.
+        once avoids re-running the loader per candidate. `max_samples` (the BN
+        recalibration images) picks a subset, all of the split if it is smaller,
+        in an order shuffled by `split_seed`: every candidate sees the same images
+        in the same batches, and no batch holds one class only (an image folder
+        lists its samples class by class, and per-batch BN statistics of
+        single-class batches underestimate the variance).
         """
         key = (split, max_samples)
         if key in self._tensor_cache:
             return self._tensor_cache[key]
         ds = self.dataset(split)
-        if max_samples is not None and max_samples < len(ds):
+        if max_samples is not None:
             gen = torch.Generator().manual_seed(self.split_seed)
-            idx = torch.randperm(len(ds), generator=gen)[:max_samples].sort().values
+            idx = torch.randperm(len(ds), generator=gen)[:max_samples]
             ds = Subset(ds, idx.tolist())
         xs, ys = [], []
         for x, y in self._loader(ds, self.eval_batch_size):

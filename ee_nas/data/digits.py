@@ -13,25 +13,36 @@ class DigitsDataModule(ImageDataModule):
 
     Everything lives in memory; the stratified train/val/test split depends
     only on `split_seed`, so runs with the same seed compare on the same data.
+    Without `mean` / `std` the normalization statistics are those of this
+    instance's train split (at its `image_size`): no val or test image leaks in.
     """
 
     name = "digits"
     num_classes = 10
     in_channels = 1
-    default_mean = (0.3053,)  # of the 32x32 upscaled images, all 1797
-    default_std = (0.3236,)
 
     def __init__(self, test_fraction: float = 0.2, val_fraction: float = 0.2, **kwargs):
         super().__init__(val_fraction=val_fraction, **kwargs)
         self.test_fraction = float(test_fraction)
         check_fractions(val_fraction=self.val_fraction, test_fraction=self.test_fraction)
+        if kwargs.get("mean") is None or kwargs.get("std") is None:  # known before setup, as configured ones are
+            x, _, splits = self._images()
+            train = x[splits["train"]]
+            if kwargs.get("mean") is None:
+                self.mean = (float(train.mean()),)
+            if kwargs.get("std") is None:
+                self.std = (float(train.std()),)
 
-    def _load_splits(self):
+    def _images(self):
+        """All images upscaled (x [N,1,S,S] in [0,1]), labels, and the split's indices."""
         digits = load_digits()
         x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
         x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                           align_corners=False, antialias=True).clamp_(0, 1)
         y = torch.tensor(digits.target, dtype=torch.long)
         train, test, val = split_indices(digits.target, [self.test_fraction, self.val_fraction], self.split_seed)
-        self.split_indices = {"train": train, "val": val, "test": test}
+        return x, y, {"train": train, "val": val, "test": test}
+
+    def _load_splits(self):
+        x, y, self.split_indices = self._images()
         return {s: TensorImages(x[idx], y[idx], self.image_size, idx) for s, idx in self.split_indices.items()}

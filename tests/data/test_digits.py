@@ -109,7 +109,21 @@ def test_yaml_instantiates():
     assert isinstance(dm, DigitsDataModule)
     assert dm.split_seed == 7 and dm.batch_size == 64 and dm.eval_batch_size == 512
     assert dm.augment == {"random_crop_padding": 4, "horizontal_flip": False}
-    assert dm.mean == (0.3053,)
+    assert dm.mean == DigitsDataModule(split_seed=7).mean  # the train split's statistics
+
+
+def test_normalization_statistics_come_from_the_train_split_only():
+    dm = make(split_seed=3)
+    x, _, splits = dm._images()
+    train, everything = x[splits["train"]], x
+    assert dm.mean == pytest.approx((float(train.mean()),)) and dm.std == pytest.approx((float(train.std()),))
+    assert dm.mean != pytest.approx((float(everything.mean()),), abs=1e-6)  # the test images left out
+    # the train split comes out normalized, exactly
+    xt, _ = dm.split_tensors("train")
+    assert abs(xt.mean().item()) < 1e-4 and abs(xt.std().item() - 1) < 1e-3
+    assert make(split_seed=4).mean != dm.mean  # another split, other train images
+    given = DigitsDataModule(split_seed=3, mean=[0.5], std=[0.25])
+    assert (given.mean, given.std) == ((0.5,), (0.25,))
 
 
 def test_image_size_option():

@@ -102,3 +102,25 @@ def test_corrupt_file_error_or_skip(tmp_path, caplog):
     assert sum(dm.split_sizes().values()) == 30
     with pytest.raises(DataError, match="bad_data"):
         ImageFolderDataModule(root=str(tmp_path), bad_data="ignore")
+
+
+def test_calibration_images_are_shuffled_by_seed(tmp_path):
+    """BN recalibration takes `split_tensors('train', max_samples)` in batches: an image folder lists its
+    samples class by class, so the calibration subset must come shuffled (by split_seed), even when it
+    holds the whole split."""
+    write_class_folders(tmp_path / "train", per_class=8)
+    write_class_folders(tmp_path / "val", per_class=1)
+
+    def calibration(seed, n):
+        dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, split_seed=seed, eval_batch_size=4)
+        return dm.split_tensors("train")[1], dm.split_tensors("train", max_samples=n)[1]
+
+    ordered, y = calibration(0, 24)  # the whole split
+    assert ordered.tolist() == sorted(ordered.tolist())  # the folder's own order: class by class
+    assert sorted(y.tolist()) == ordered.tolist() and y.tolist() != ordered.tolist()
+    # no 4-image batch of a class-ordered 24 would mix classes this much: every early batch is mixed
+    assert all(len(set(y[i:i + 4].tolist())) > 1 for i in range(0, 12, 4))
+    again, other = calibration(0, 24)[1], calibration(1, 24)[1]
+    assert again.tolist() == y.tolist() and other.tolist() != y.tolist()
+    subset = calibration(0, 9)[1]
+    assert len(subset) == 9 and len(set(subset.tolist())) > 1
