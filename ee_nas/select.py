@@ -93,7 +93,7 @@ class LoadedRun:
     supernet: object
     evaluator: object
     hardware: object
-    target: float | None
+    target: float | None      # in the objective's unit: MACs, or ms with hardware.objective=latency
     reference_macs: float
 
 
@@ -104,6 +104,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     from omegaconf import OmegaConf, open_dict
 
     from ee_nas.config import apply_debug
+    from ee_nas.hardware.latency import LatencyTable
     from ee_nas.inference.runtime import build_supernet
     from ee_nas.pipeline import eval_device
     from ee_nas.search.evaluator import SubnetEvaluator
@@ -126,32 +127,45 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     supernet.load_state_dict({k[len("supernet."):]: v for k, v in state.items() if k.startswith("supernet.")})
     dev = eval_device(cfg)
     supernet = supernet.to(dev).eval()
+    hardware = instantiate(cfg.hardware)
+    # the run's latency table (a LUT file, or this machine's cached measurement): as ee_nas.run built it
+    latency = LatencyTable.from_profile(supernet, hardware, measure=cfg.thresholds.measure)
+    if latency is not None:
+        latency.measure_all()
     evaluator = SubnetEvaluator(supernet, datamodule, measure=cfg.thresholds.measure,
                                 calibration_samples=cfg.evaluation.calibration_samples, device=dev,
-                                max_candidates=cfg.thresholds.max_candidates)
-    hardware = instantiate(cfg.hardware)
-    ref = evaluator.reference_macs
-    return LoadedRun(run_dir, cfg, datamodule, supernet, evaluator, hardware, hardware.target(ref), ref)
+                                max_candidates=cfg.thresholds.max_candidates, hardware=hardware, latency=latency)
+    target = hardware.target(evaluator.reference_cost)  # in the objective's unit (MACs, or ms)
+    return LoadedRun(run_dir, cfg, datamodule, supernet, evaluator, hardware, target, evaluator.reference_macs)
 
 
 def evaluate_subnet(run: LoadedRun, genome: Genome, net) -> dict:
-    """Thresholds tuned on val under the run's target, accuracy and avg MACs reported on test."""
+    """Thresholds tuned on val under the run's target (in the objective's unit: avg MACs, or avg latency
+    from the run's latency table), accuracy, avg MACs and avg cost reported on test."""
     from ee_nas.thresholds import evaluate_policy, tune_thresholds
 
     out = run.evaluator.outputs(genome, ("val", "test"), net=net)
     val, test = out["val"], out["test"]
     costs = run.evaluator.costs.costs(genome)
-    cum = costs.cum_macs
+    cum, cum_cost = costs.cum_macs, run.evaluator.cum_cost(genome)  # cum_cost: MACs, or ms
     mc = run.cfg.thresholds.max_candidates
-    policy = tune_thresholds(val.conf, val.correct, cum, run.target, max_candidates=mc)
-    tested = evaluate_policy(test.conf, test.correct, cum, policy.thresholds, run.target).to_dict()
+    policy = tune_thresholds(val.conf, val.correct, cum_cost, run.target, max_candidates=mc)
+    tested = evaluate_policy(test.conf, test.correct, cum, policy.thresholds).to_dict()
+    test_cost = evaluate_policy(test.conf, test.correct, cum_cost, policy.thresholds).avg_macs
+    latency = {}
+    if run.evaluator.latency is not None:  # predicted by the run's table at batch size 1
+        cum_ms = run.evaluator.latency.predict(genome)
+        latency = {"cum_latency_ms": cum_ms.tolist(), "val_avg_latency_ms": float(policy.exit_rates @ cum_ms),
+                   "avg_latency_ms": float(np.asarray(tested["exit_rates"]) @ cum_ms)}
     return {
-        "val_acc": float(policy.accuracy), "val_avg_macs": float(policy.avg_macs),
+        "val_acc": float(policy.accuracy), "val_avg_macs": float(policy.exit_rates @ cum),
         "test_acc": tested["accuracy"], "avg_macs": tested["avg_macs"],
         "relative_macs": tested["avg_macs"] / run.reference_macs,
+        "objective": run.hardware.objective, "avg_cost": float(test_cost), "val_avg_cost": float(policy.avg_macs),
+        **latency,
         "final_exit_val_acc": float(val.correct[:, -1].mean()),
         "final_exit_test_acc": float(test.correct[:, -1].mean()),
-        "meets_target": run.target is None or tested["avg_macs"] <= run.target, "val_meets_target": policy.feasible,
+        "meets_target": run.target is None or test_cost <= run.target, "val_meets_target": policy.feasible,
         "exit_rates": tested["exit_rates"], "exit_accs": tested["exit_accs"], "thresholds": tested["thresholds"],
         "cum_macs": cum.tolist(), "params": costs.params, "n_exits": genome.n_exits, "taps": list(genome.taps),
         "_thresholds": policy.thresholds,  # the array subnet.pt stores (inf = exit disabled)
@@ -174,9 +188,16 @@ def export_selection(run: LoadedRun, picks: list[dict], prefer: str) -> list[dic
         rows.append({"rank": rank, "prefer": prefer, "dir": str(out), "archive_val_acc": record["val_acc"],
                      "archive_avg_macs": record["avg_macs"], **report, "genome": genome.to_dict()})
     atomic_write_json(run.run_dir / "selected" / "selection.json",
-                      {"prefer": prefer, "reference_macs": run.reference_macs, "target_macs": run.target,
+                      {"prefer": prefer, "reference_macs": run.reference_macs, **target_keys(run),
                        "selected": rows})
     return rows
+
+
+def target_keys(run: LoadedRun) -> dict:
+    """The run's target under the key of its unit (as summary.json has it)."""
+    latency = run.hardware.objective == "latency"
+    return {"objective": run.hardware.objective, "target_macs": None if latency else run.target,
+            "target_latency_ms": run.target if latency else None}
 
 
 def format_table(rows: list[dict]) -> str:

@@ -122,3 +122,60 @@ def test_finetune_starts_at_inherited_accuracy_and_does_not_lower_it(trained_run
     assert after["meets_target"] == (after["avg_macs"] <= summary["target_macs"])
     saved = torch.load(run_dir / "finetuned" / "subnet.pt", weights_only=False)
     assert saved["genome"] == summary["genome"]
+
+
+# -- a latency-objective run: select and fine-tune tune thresholds against the target in ms ------------
+
+@pytest.fixture(scope="module")
+def latency_run(tmp_path_factory):
+    import os
+
+    from hydra.utils import instantiate
+    from inprocess import compose_run
+
+    from ee_nas.hardware.latency import LatencyTable
+    from ee_nas.inference.runtime import build_supernet
+
+    cache = tmp_path_factory.mktemp("lut_cache")
+    old = os.environ.get("EE_NAS_CACHE")
+    os.environ["EE_NAS_CACHE"] = str(cache)  # the run's LUT, found again by select/finetune
+    try:
+        run_dir = tmp_path_factory.mktemp("latency_run")
+        # debug-sized: the costs and thresholds are under test here, not the accuracy
+        overrides = (*FAST, "hardware=local_cpu", "predictor=none", "trainer.max_epochs=1",
+                     "++trainer.limit_train_batches=1", "data.image_size=16")
+        # this machine's LUT, timed with few repeats (the run would take 15): the run finds it in the cache
+        cfg = compose_run(run_dir, *overrides)
+        LatencyTable.from_profile(build_supernet(cfg, 1, 10).eval(), instantiate(cfg.hardware), repeats=3,
+                                  warmup=1, sample_s=1e-4).measure_all()
+        yield run_dir, run_in_process(run_dir, *overrides, save_config=True)
+    finally:
+        if old is None:
+            os.environ.pop("EE_NAS_CACHE")
+        else:
+            os.environ["EE_NAS_CACHE"] = old
+
+
+def test_select_and_finetune_report_latency_under_the_latency_target(latency_run):
+    from ee_nas.finetune import main as finetune_main
+    from ee_nas.select import main as select_main
+
+    run_dir, summary = latency_run
+    target = summary["target_latency_ms"]
+    assert summary["objective"] == "latency" and target > 0 and summary["target_macs"] is None
+    rows = select_main([f"run_dir={run_dir}", "prefer=accuracy", "n=2"])
+    selection = json.loads((run_dir / "selected" / "selection.json").read_text())
+    assert (selection["objective"], selection["target_latency_ms"], selection["target_macs"]) == ("latency", target,
+                                                                                                   None)
+    for row in rows:
+        assert row["objective"] == "latency" and row["avg_cost"] == pytest.approx(row["avg_latency_ms"])
+        assert row["val_meets_target"] and row["val_avg_latency_ms"] <= target * (1 + 1e-9)  # tuned in ms
+        assert row["meets_target"] == (row["avg_latency_ms"] <= target)
+        assert row["val_acc"] == pytest.approx(row["archive_val_acc"], abs=1e-9)  # as the search scored it
+    result = finetune_main([f"run_dir={run_dir}", "epochs=0"])  # re-scored: the threshold path under test
+    assert (result["objective"], result["target_latency_ms"]) == ("latency", target)
+    for name in ("before", "after"):
+        r = result[name]
+        assert r["val_avg_latency_ms"] <= target * (1 + 1e-9) and r["avg_cost"] == pytest.approx(r["avg_latency_ms"])
+        assert r["meets_target"] == (r["avg_latency_ms"] <= target)
+    assert result["before"]["avg_latency_ms"] == pytest.approx(summary["avg_latency_ms"])  # the run's own report

@@ -167,3 +167,25 @@ def test_params_cap_is_a_constraint_and_no_pick_breaks_it(space, backbones):
     assert len(ev.calls) == 8 + 3 * 4 and all(params[k] <= cap for k in ev.calls)  # ... and evaluated none
     assert all(r["status"] == "ok" for r in archive.records.values())
     assert front and all(params[r["key"]] <= cap for r in front)
+
+
+def test_position_model_fits_the_objectives_unit(space):
+    """With a latency objective `cost_fn` gives ms and the records' `avg_cost` is in ms (avg_macs stays
+    in MACs): the position inside [cum[0], min(cum[-1], target)] must come from avg_cost."""
+    from ee_nas.genome import Genome
+    from ee_nas.search.surrogate import _fit, _mac_range
+
+    ev = ToyEvaluator(space)
+    ms = lambda g: ev.cum(g) / 1000.0  # noqa: E731  a 'latency' table: 1 ms per 1000 MACs
+    target = 0.6 * ev.reference / 1000.0
+    rng = np.random.default_rng(3)
+    train = []
+    for g in (space.sample(rng) for _ in range(12)):
+        lo, hi = _mac_range(ms(g), target)
+        cost = lo + 0.3 * (hi - lo)
+        train.append({"genome": g.to_dict(), "val_acc": 0.5, "avg_cost": cost, "avg_macs": cost * 1000.0})
+    assert sum(np.subtract(*_mac_range(ms(Genome.from_dict(r["genome"])), target)[::-1]) > 0 for r in train) >= 2
+    _, position = _fit(make_predictor("rbf"), space, train, ms, ev.reference / 1000.0, target)
+    X = np.array([space.encode(Genome.from_dict(r["genome"])) for r in train])
+    predicted = position.predict(X) if hasattr(position, "predict") else np.full(len(X), position)
+    np.testing.assert_allclose(predicted, 0.3, atol=0.02)  # every record sits at 30% of its range
