@@ -3,10 +3,10 @@
     python -m ee_nas.infer run_dir=outputs/digits_search/... input=digit.png
     python -m ee_nas.infer run_dir=... input=folder/ backend=onnx
 
-Arguments (key=value): run_dir, input (an image file or a folder of images),
-backend (eager | torchscript | onnx; the exported files are made on first use
-under export_dir, default run_dir/export), threads (torch / ONNX Runtime
-threads, default 1), batch_size (default 64).
+Arguments (key=value, `--help` lists them): run_dir, input (an image file or a
+folder of images), backend (eager | torchscript | onnx; the exported files are
+made on first use under export_dir, default run_dir/export), threads (torch /
+ONNX Runtime threads, default 1), batch_size (default 64).
 
 Each image is read with PIL, converted to the run's channels, resized to the
 run's image size and normalized with the run's mean/std (the `data` section of
@@ -15,15 +15,19 @@ answered (1-based, of n_exits) and its confidence.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-KEYS = {"run_dir": None, "input": None, "backend": "eager", "export_dir": None, "threads": "1", "batch_size": "64"}
+from ee_nas.cli import arg, parse
+
 BACKENDS = ("eager", "torchscript", "onnx")
 
 
@@ -31,26 +35,23 @@ class UsageError(ValueError):
     pass
 
 
+@dataclass
+class InferArgs:
+    run_dir: str = arg(help="a finished ee_nas.run directory")
+    input: str = arg(help="an image file or a folder of images")
+    backend: str = arg("eager", "eager | torchscript | onnx (exported on first use under export_dir)")
+    export_dir: Optional[str] = arg(None, "where the exported files go (default: run_dir/export)")
+    threads: int = arg(1, "torch / ONNX Runtime threads")
+    batch_size: int = arg(64, "images per batch")
+
+
 def parse_args(argv: Sequence[str]) -> dict:
-    opts = dict(KEYS)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+-")
-        if not sep or key not in KEYS:
-            raise UsageError(f"argument {arg!r}: expected key=value with key one of {', '.join(KEYS)}")
-        opts[key] = value
-    for key in ("run_dir", "input"):
-        if not opts[key]:
-            raise UsageError(f"missing {key}=...; usage: python -m ee_nas.infer run_dir=RUN_DIR input=IMAGE_OR_FOLDER "
-                             f"[backend={'|'.join(BACKENDS)}]")
+    opts = dataclasses.asdict(parse(InferArgs, argv, "python -m ee_nas.infer", __doc__.split("\n\n")[0]))
     if opts["backend"] not in BACKENDS:
         raise UsageError(f"backend={opts['backend']!r} is invalid; valid: {', '.join(BACKENDS)}")
     for key in ("threads", "batch_size"):
-        try:
-            opts[key] = int(opts[key])
-            assert opts[key] >= 1
-        except (ValueError, AssertionError):
-            raise UsageError(f"{key}={opts[key]!r} is invalid; must be an integer >= 1") from None
+        if opts[key] < 1:
+            raise UsageError(f"{key}={opts[key]!r} is invalid; must be an integer >= 1")
     return opts
 
 
@@ -138,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
         rows = infer(**opts)
+    except SystemExit as stop:  # --help (0) or a malformed command line (2), already printed
+        return int(stop.code or 0)
     except (UsageError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

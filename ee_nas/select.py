@@ -21,15 +21,16 @@ re-tuned on validation and reported on test, and written to
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
+from ee_nas.cli import arg, parse
 from ee_nas.search.archive import Archive
 from ee_nas.genome import Genome
 
@@ -211,60 +212,31 @@ def format_table(rows: list[dict]) -> str:
 
 # -- command line ----------------------------------------------------------------------------------------
 
-def parse_key_values(argv: list[str] | None, prog: str, doc: str, keys: dict[str, tuple]) -> dict:
-    """`key=value` arguments (Hydra-like) checked against `keys`: name -> (type, default, help)."""
-    epilog = "\n".join(f"  {k}=<{t.__name__}>  {h} (default: {d})" for k, (t, d, h) in keys.items())
-    parser = argparse.ArgumentParser(prog=prog, description=doc, epilog="arguments:\n" + epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    out = {k: d for k, (_, d, _) in keys.items()}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        key = key.lstrip("-")
-        if not sep or key not in keys:
-            parser.error(f"{item!r}: expected key=value with key one of {list(keys)}")
-        typ = keys[key][0]
-        if value.lower() in ("null", "none", ""):
-            out[key] = None
-        elif typ is bool:
-            out[key] = value.lower() in ("1", "true", "yes")
-        else:
-            try:
-                out[key] = typ(value)
-            except ValueError:
-                parser.error(f"{key}={value!r}: expected {typ.__name__}")
-    missing = [k for k, (_, d, _) in keys.items() if d is ... and out[k] is ...]
-    if missing:
-        parser.error(f"missing required {', '.join(f'{k}=...' for k in missing)}")
-    return out
-
-
-SELECT_KEYS = {
-    "run_dir": (str, ..., "a finished ee_nas.run directory (archive.json, checkpoints/last.ckpt, .hydra/)"),
-    "prefer": (str, "trade_off", "trade_off | accuracy | macs"),
-    "n": (int, 3, "how many architectures"),
-    "n_exits": (int, None, "only architectures with this many exits, final classifier included"),
-    "device": (str, None, "cpu | cuda (default: the run's evaluation.device)"),
-}
+@dataclass
+class SelectArgs:
+    run_dir: str = arg(help="a finished ee_nas.run directory (archive.json, checkpoints/last.ckpt, .hydra/)")
+    prefer: str = arg("trade_off", "trade_off | accuracy | macs")
+    n: int = arg(3, "how many architectures")
+    n_exits: Optional[int] = arg(None, "only architectures with this many exits, final classifier included")
+    device: Optional[str] = arg(None, "cpu | cuda (default: the run's evaluation.device)")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    a = parse_key_values(argv, "python -m ee_nas.select", __doc__.split("\n\n")[0], SELECT_KEYS)
-    if a["prefer"] not in PREFERENCES:
-        raise SystemExit(f"prefer={a['prefer']!r}: valid are {list(PREFERENCES)}")
-    run_dir = Path(a["run_dir"])
+    a = parse(SelectArgs, argv, "python -m ee_nas.select", __doc__.split("\n\n")[0])
+    if a.prefer not in PREFERENCES:
+        raise SystemExit(f"prefer={a.prefer!r}: valid are {list(PREFERENCES)}")
+    run_dir = Path(a.run_dir)
     archive_path = run_dir / "archive.json"
     if not archive_path.is_file():
         raise SystemExit(f"{archive_path} does not exist: run_dir must hold a search's archive.json")
-    picks = select(Archive(archive_path).evaluated(), a["prefer"], a["n"], a["n_exits"])
+    picks = select(Archive(archive_path).evaluated(), a.prefer, a.n, a.n_exits)
     if not picks:
         raise SystemExit(f"no feasible candidate in {archive_path}"
-                         + (f" with n_exits={a['n_exits']}" if a["n_exits"] else ""))
-    if len(picks) < a["n"]:
-        log.warning("only %d feasible candidates qualify (asked for %d)", len(picks), a["n"])
-    rows = export_selection(load_run(run_dir, a["device"]), picks, a["prefer"])
+                         + (f" with n_exits={a.n_exits}" if a.n_exits else ""))
+    if len(picks) < a.n:
+        log.warning("only %d feasible candidates qualify (asked for %d)", len(picks), a.n)
+    rows = export_selection(load_run(run_dir, a.device), picks, a.prefer)
     print(format_table(rows))
     return rows
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from inprocess import run_in_process
 
-from ee_nas.select import knee_distances, parse_key_values, select
+from ee_nas.select import knee_distances, select
 
 
 # -- ranking on a fake archive ------------------------------------------------------------------------
@@ -60,13 +60,7 @@ def test_trade_off_picks_the_knee_then_the_front():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="prefer"):
-        select([], "fastest")
-    keys = {"run_dir": (str, ..., ""), "n": (int, 3, ""), "n_exits": (int, None, "")}
-    assert parse_key_values(["run_dir=x", "n=2", "n_exits=null"], "t", "", keys) == {"run_dir": "x", "n": 2,
-                                                                                      "n_exits": None}
-    for argv in (["n=2"], ["run_dir=x", "bogus=1"], ["run_dir=x", "n=two"], ["run_dir"]):
-        with pytest.raises(SystemExit):
-            parse_key_values(argv, "t", "", keys)
+        select([], "fastest")  # the command line's own checks: tests/test_cli.py
 
 
 # -- export and fine-tuning on a short real run --------------------------------------------------------

@@ -27,7 +27,7 @@ fingerprint of the module's structure and input shape, so the same file serves
 any supernet on that machine (calibrations are stored per supernet); loading a
 file made on another machine (or with other threads) fails with a clear message.
 
-    python -m ee_nas.hardware.latency RUN_DIR [out=lut.json] [threads=1]
+    python -m ee_nas.hardware.latency run_dir=RUN_DIR [out=lut.json] [threads=1]   (--help: the keys)
 """
 from __future__ import annotations
 
@@ -43,10 +43,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
+
+from ee_nas.cli import arg
 
 log = logging.getLogger(__name__)
 
@@ -524,22 +527,26 @@ class LatencyTable:
         return cls(supernet, threads=threads, path=path, measure=measure, **kwargs)
 
 
+@dataclass
+class LatencyArgs:  # the command line (ee_nas.cli)
+    run_dir: str = arg(help="a finished ee_nas.run directory (its supernet is measured)")
+    out: Optional[str] = arg(None, "the LUT file to write (default: run_dir/latency_lut.json)")
+    threads: int = arg(1, "torch threads while timing (batch size 1)")
+
+
 def _main(argv: Sequence[str] | None = None) -> None:
-    """python -m ee_nas.hardware.latency RUN_DIR [out=PATH] [threads=N]: measure a run's supernet."""
+    """python -m ee_nas.hardware.latency run_dir=RUN_DIR [out=PATH] [threads=N]: measure a run's supernet."""
     import sys
 
+    from ee_nas.cli import parse
     from ee_nas.inference.runtime import load_supernet
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or "=" in args[0]:
-        raise SystemExit(__doc__.split("\n\n")[-1].strip())
-    opts = dict(a.split("=", 1) for a in args[1:])
-    unknown = set(opts) - {"out", "threads"}
-    if unknown:
-        raise SystemExit(f"unknown argument(s) {sorted(unknown)}; valid: out=PATH threads=N")
-    run_dir = Path(args[0])
-    table = LatencyTable(load_supernet(run_dir), threads=int(opts.get("threads", 1)),
-                         path=opts.get("out", run_dir / "latency_lut.json"))
+    if args and "=" not in args[0] and not args[0].startswith("-"):  # the older positional RUN_DIR
+        args[0] = f"run_dir={args[0]}"
+    a = parse(LatencyArgs, args, "python -m ee_nas.hardware.latency", "Measure a run's supernet: its latency LUT.")
+    run_dir = Path(a.run_dir)
+    table = LatencyTable(load_supernet(run_dir), threads=a.threads, path=a.out or run_dir / "latency_lut.json")
     t0 = time.perf_counter()
     n = table.measure_all()
     print(f"measured {n} components in {time.perf_counter() - t0:.1f} s on {table.key}; written to {table.path}")
