@@ -5,19 +5,6 @@ from pathlib import Path
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
-def _register_resolvers() -> None:
-    from omegaconf import OmegaConf
-
-    def on_gpu(accelerator) -> bool:  # conf/trainer/ddp.yaml: SyncBatchNorm on GPUs only
-        from ee_nas.distributed import on_gpu as impl
-
-        return impl(accelerator)
-    OmegaConf.register_new_resolver("ee_nas.on_gpu", on_gpu, replace=True)
-
-
-_register_resolvers()
-
-
 def _register_schemas() -> None:  # the structured-config schemas the group files name (ee_nas.schemas)
     from ee_nas.schemas import register
 

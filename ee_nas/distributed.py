@@ -128,19 +128,15 @@ def distributed_batch(evaluate_one: Callable, cost: Callable | None = None) -> C
     return evaluate_batch
 
 
-def on_gpu(accelerator) -> bool:
-    """The `${ee_nas.on_gpu:${.accelerator}}` resolver (conf/trainer/ddp.yaml: sync_batchnorm): whether
-    this trainer runs on GPUs. PyTorch's SyncBatchNorm has no CPU (gloo) implementation."""
-    accelerator = str(accelerator)
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-
-
 def check_trainer_config(cfg: DictConfig) -> None:
-    """An explicit `trainer.sync_batchnorm=true` on CPU stops here with the key named, not in DDP's setup."""
+    """`trainer.sync_batchnorm=true` stops here with the key named, not in DDP's setup or training:
+    `SyncBatchNorm.convert_sync_batchnorm` turns every `_BatchNorm` into a fixed-width SyncBatchNorm,
+    the supernet's ElasticBatchNorm2d layers too (their active-width forward and `extract` are lost),
+    and on CPU there is no SyncBatchNorm (conf/trainer/ddp.yaml)."""
     from ee_nas.config import ConfigError
 
-    trainer = cfg.trainer
-    if trainer.get("sync_batchnorm", False) is True and not on_gpu(trainer.get("accelerator", "auto")):
-        raise ConfigError(f"config error: trainer.sync_batchnorm=true needs GPUs (trainer.accelerator="
-                          f"{trainer.get('accelerator', 'auto')}); PyTorch's SyncBatchNorm has no CPU "
-                          "implementation. Leave trainer=ddp's default (on for GPUs only) or set false")
+    if cfg.trainer.get("sync_batchnorm", False):
+        raise ConfigError("config error: trainer.sync_batchnorm=true is not supported: SyncBatchNorm would replace "
+                          "the supernet's elastic BatchNorm layers (ElasticBatchNorm2d) by fixed-width ones, and it "
+                          "has no CPU implementation. Set trainer.sync_batchnorm=false (per-rank statistics; every "
+                          "subnet's BatchNorm is recalibrated after training)")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -82,6 +83,26 @@ def test_batch_evaluation_gives_the_archive_of_one_by_one(backbones, make_space,
     assert json.dumps(batched) == json.dumps(run())
     keys = [k for batch in batches for k in batch]
     assert len(keys) == len(set(keys)) == len(batched)  # each genome once, never one the archive holds
+
+
+def test_sync_batchnorm_is_a_config_error_not_a_crash():
+    """SyncBatchNorm's conversion would drop the elastic BatchNorm (its active-width forward, extract)."""
+    from hydra import compose, initialize_config_dir
+
+    from ee_nas import CONF_DIR
+    from ee_nas.config import ConfigError
+    from ee_nas.distributed import check_trainer_config
+    from ee_nas.models.ops import ElasticBatchNorm2d
+
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(ElasticBatchNorm2d(8)))[0]
+    assert type(converted) is torch.nn.SyncBatchNorm and not hasattr(converted, "extract")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        ddp = compose("config", overrides=["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"])
+        synced = compose("config", overrides=["trainer=ddp", "trainer.sync_batchnorm=true"])
+    assert ddp.trainer.sync_batchnorm is False and ddp.trainer.strategy.find_unused_parameters is True
+    check_trainer_config(ddp)
+    with pytest.raises(ConfigError, match="trainer.sync_batchnorm=true"):
+        check_trainer_config(synced)
 
 
 def _worker(rank: int, port: int, out: str) -> None:
