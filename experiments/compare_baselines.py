@@ -73,10 +73,32 @@ def record(run_dir: Path, method: str, target: float | None, seed: int, wall_s: 
     }
 
 
+def cheapest_fraction(method: str, overrides: list[str]) -> float:
+    """The cheapest avg-MACs fraction of the largest backbone that `method`'s space can reach at all (its
+    smallest subnet's first exit). A static network's is its smallest backbone: below it static NAS has no
+    candidate, so it is given that budget instead (more than the others get: the comparison stays fair to it)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from ee_nas import CONF_DIR
+    from ee_nas.hardware.macs import CostModel
+    from ee_nas.models.multi_exit import MultiExitSupernet
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*METHODS[method][0], *overrides])
+    dm = instantiate(cfg.data)
+    bb = instantiate(cfg.backbone, in_channels=dm.in_channels, num_classes=dm.num_classes, image_size=dm.image_size)
+    space = instantiate(cfg.search_space, backbone=bb)
+    costs = CostModel(MultiExitSupernet(bb, space))
+    return float(costs.costs(space.smallest()).cum_macs[0] / costs.costs(space.largest_backbone()).backbone_macs)
+
+
 def run_all(args) -> list[dict]:
     """Phase 1 trains one supernet per (seed, space) at the first target; phase 2 searches the rest."""
     root = args.runs
     first = args.targets[0]
+    # rounded up, so that the budget admits the cheapest candidate after printing
+    floors = {m: np.ceil(cheapest_fraction(m, args.overrides) * 1e4) / 1e4 for m in args.methods}
     jobs1, jobs2 = [], []
     for seed in args.seeds:
         for method in args.methods:
@@ -84,7 +106,8 @@ def run_all(args) -> list[dict]:
             for target in args.targets:
                 run_dir = root / method / f"t{target:g}" / f"seed{seed}"
                 trains = method == owner and target == first
-                ovr = [*overrides, f"hardware.target_fraction={target}", *args.overrides]
+                budget = max(target, floors[method])
+                ovr = [*overrides, f"hardware.target_fraction={budget:.4g}", *args.overrides]
                 if not trains:
                     ovr.append(f"supernet_from={root / owner / f't{first:g}' / f'seed{seed}'}")
                 (jobs1 if trains else jobs2).append((run_dir, method, target, seed, ovr, trains))
@@ -172,6 +195,28 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ablation(records: list[dict]) -> str:
+    """Paired effects of the levers that the records can separate: fine-tuning the chosen network
+    (after vs before, per run) and the exit-saving floor (aebnas vs aebnas_no_floor, per seed and target)."""
+    lines = ["| lever | method | pairs | Δ test acc (pp), mean [95% CI] | Δ avg MACs / largest backbone |",
+             "|---|---|---|---|---|"]
+    for method in [m for m in METHODS if any(r["method"] == m for r in records)]:
+        rs = [r for r in records if r["method"] == method and r["pre_finetune_test_acc"] is not None]
+        if rs:
+            d = np.array([100 * (r["test_acc"] - r["pre_finetune_test_acc"]) for r in rs])
+            lines.append(f"| fine-tuning the chosen network (`finetune.epochs`) | {method} | {len(d)} | "
+                         "{:+.2f} [{:+.2f}, {:+.2f}] | – |".format(*t_interval(d)))
+    floor = {(r["seed"], r["target_fraction"]): r for r in records if r["method"] == "aebnas"}
+    free = {(r["seed"], r["target_fraction"]): r for r in records if r["method"] == "aebnas_no_floor"}
+    keys = sorted(set(floor) & set(free))
+    if keys:
+        d = np.array([100 * (floor[k]["test_acc"] - free[k]["test_acc"]) for k in keys])
+        dm = np.mean([floor[k]["relative_macs"] - free[k]["relative_macs"] for k in keys])
+        lines.append(f"| exit-saving floor (`search_space.min_exit_saving`) | aebnas vs aebnas_no_floor | {len(d)} | "
+                     "{:+.2f} [{:+.2f}, {:+.2f}] | ".format(*t_interval(d)) + f"{dm:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(records: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -205,7 +250,8 @@ def write(records: list[dict], out: Path, meta: dict) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
     md = table(records)
-    out.with_suffix(".md").write_text(f"{meta['title']}\n\n{md}")
+    md += "\n## Ablation (paired)\n\n" + ablation(records)
+    out.with_suffix(".md").write_text(f"{meta['title']}\n\n{meta.get('notes', '')}{md}")
     plot(records, out.with_suffix(".png"))
     return md
 
