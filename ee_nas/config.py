@@ -1,12 +1,10 @@
 """Config checks before any work: a user error stops with one line naming the key, the value and the valid range.
 
-Types and keys are Hydra's: the structured-config schemas of `ee_nas.schemas` make composition refuse
-``search.pop_size=many`` or ``data.batch_sise=8`` (`composition_error` makes Hydra's report one line).
-`validate(cfg)` checks the rest before anything is built: keys added with ``+`` (Hydra adds them even to a
-schema), the keys of targets without a schema (optimizer, loggers, callbacks) against the target's
-signature, and the project's own rules: value ranges and impossible combinations. `validate_built` runs
-once the supernet exists (a target below the cheapest candidate). Everything raises `ConfigError`, which
-`ee_nas.run` prints as one line (exit status 2).
+Types and keys are Hydra's: with the schemas of `ee_nas.schemas`, composition refuses ``search.pop_size=many``
+(`composition_error` makes that one line). `validate(cfg)` checks the rest before anything is built: keys added
+with ``+``, keys of targets without a schema (against the target's signature), and the project's own rules
+(ranges, impossible combinations); `validate_built` once the supernet exists. `ee_nas.run` prints any
+`ConfigError` as one line (exit status 2).
 """
 from __future__ import annotations
 
@@ -17,7 +15,8 @@ import math
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 
 class ConfigError(ValueError):
@@ -34,8 +33,6 @@ def apply_debug(cfg: DictConfig) -> DictConfig:
     debug = cfg.get("debug")
     if not debug:
         return cfg
-    from omegaconf import open_dict
-
     with open_dict(cfg):
         merged = OmegaConf.merge(cfg, debug.get("overrides", {}))
         del merged["debug"]
@@ -43,10 +40,10 @@ def apply_debug(cfg: DictConfig) -> DictConfig:
 
 
 #: keyword arguments the pipeline passes itself: a config that sets one is told so
-PIPELINE_ARGS = {"backbone": ("in_channels", "num_classes", "image_size"), "search_space": ("backbone",),
-                 "search": ("run_dir", "hardware", "measure", "max_candidates", "calibration_samples", "device",
-                            "predictor"), "trainer": ("callbacks", "logger", "default_root_dir", "plugins"),
-                 "training.optimizer": ("params",), "training.scheduler": ("optimizer", "T_max")}
+PIPELINE_ARGS = {key: names.split() for key, names in {
+    "backbone": "in_channels num_classes image_size", "search_space": "backbone", "training.optimizer": "params",
+    "search": "run_dir hardware measure max_candidates calibration_samples device predictor",
+    "trainer": "callbacks logger default_root_dir plugins", "training.scheduler": "optimizer T_max"}.items()}
 _TYPES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string",
           "ListConfig": "a list", "DictConfig": "a mapping"}
 
@@ -56,8 +53,7 @@ def _unknown(key: str, value: str, valid, owner: str = "") -> ConfigError:
     if name in PIPELINE_ARGS.get(parent, ()):
         return ConfigError(f"config error: {key}={value} is set by the pipeline, not the config; remove it")
     valid = sorted(v for v in valid if not v.startswith("_") and v not in PIPELINE_ARGS.get(parent, ()))
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" (did you mean {parent}.{close[0]}?)" if close else ""
+    hint = "".join(f" (did you mean {parent}.{c}?)" for c in difflib.get_close_matches(name, valid, n=1))
     return ConfigError(f"config error: {key}={value} is not a key of {parent or 'the config'}{owner}{hint}; "
                        f"valid keys: {', '.join(valid)}")
 
@@ -84,8 +80,6 @@ def composition_error(err: Exception) -> ConfigError:
 
 def _check_call(key: str, node: dict) -> None:
     """A target without a schema: it must import, and take the node's keys (unless it takes **kwargs)."""
-    from hydra.utils import get_object
-
     try:
         params = inspect.signature(get_object(str(node["_target_"]))).parameters
     except Exception:
@@ -103,9 +97,8 @@ def _check_keys(node, plain, key: str = "") -> None:
         schema = OmegaConf.get_type(node)
         if dataclasses.is_dataclass(schema):
             valid = [f.name for f in dataclasses.fields(schema)]
-            unknown = next((name for name in plain if name not in valid), None)
-            if unknown is not None:
-                raise _unknown(f"{key}.{unknown}".lstrip("."), repr(plain[unknown]), valid)
+            for name in (n for n in plain if n not in valid):
+                raise _unknown(f"{key}.{name}".lstrip("."), repr(plain[name]), valid)
         elif "_target_" in plain:
             _check_call(key, plain)
     for name, value in plain.items() if isinstance(plain, dict) else enumerate(plain):
@@ -135,26 +128,26 @@ def _one_of(value, key: str, valid) -> None:
 
 
 # -- the project's own rules: ranges and combinations ------------------------------------------------------
-#: group -> (lowest value, keys): integer and weight ranges
-AT_LEAST = {"data": (1, "batch_size", "eval_batch_size", "image_size"), "data.augment": (0, "random_crop_padding"),
-            "search": (1, "n_generations", "n_per_iteration"), "search_space": (0, "min_exits"),
-            "search_space.branch": (0, "min_layers"), "thresholds": (2, "sweep_points", "max_candidates"),
-            "evaluation": (1, "calibration_samples"), "trainer": (0, "max_epochs"),
-            "training": (0, "n_random", "final_weight", "early_weight", "distill_weight")}
+#: (group, lowest value, keys): integer and weight ranges
+AT_LEAST = [("data", 1, "batch_size", "eval_batch_size", "image_size"), ("data", 0, "num_workers"),
+            ("data.augment", 0, "random_crop_padding"), ("search", 2, "pop_size"),
+            ("search", 1, "n_generations", "n_per_iteration"), ("search_space", 0, "min_exits"),
+            ("search_space.branch", 0, "min_layers"), ("thresholds", 2, "sweep_points", "max_candidates"),
+            ("evaluation", 1, "calibration_samples"), ("trainer", 0, "max_epochs"),
+            ("trainer", 1, "check_val_every_n_epoch"),
+            ("training", 0, "n_random", "final_weight", "early_weight", "distill_weight")]
 
 
 def _check_data(d: dict) -> None:
-    _at_least(d, "data", 0, "num_workers")
     fractions = {n: d[n] for n in ("val_fraction", "test_fraction") if d.get(n) is not None}
     for n, f in fractions.items():
         _check(0 <= f < 1, f"data.{n}", f, "must be in [0, 1)")
-    if len(fractions) == 2 and sum(fractions.values()) >= 1:
-        _check(False, "data.val_fraction", d["val_fraction"], f"must be < 1 - data.test_fraction "
-               f"({1 - fractions['test_fraction']:.3g}): nothing would be left to train on")
+    _check(len(fractions) < 2 or sum(fractions.values()) < 1, "data.val_fraction", d.get("val_fraction"),
+           f"must be < 1 - data.test_fraction ({1 - d.get('test_fraction', 0):.3g}): nothing would be left to train on")
     _one_of(d.get("bad_data", "error"), "data.bad_data", ("error", "skip"))
     for name in ("mean", "std"):
         _check(d.get(name) is None or len(d[name]) > 0 and all(name == "mean" or v > 0 for v in d[name]),
-               f"data.{name}", d.get(name), "must hold one value, or one per channel" + (", each > 0" * (name == "std")))
+               f"data.{name}", d.get(name), f"must hold one value, or one per channel{', each > 0' * (name == 'std')}")
 
 
 def _check_backbone(b: dict) -> None:
@@ -171,7 +164,7 @@ def _check_backbone(b: dict) -> None:
                f"must be in [1, {low}] (the shallowest stage's depth)")
     for name in (n for n in ("expand_choices", "kernel_choices") if n in b):
         _check(len(b[name]) > 0 and all(v > 0 and (name == "expand_choices" or v % 2 == 1) for v in b[name]),
-               f"backbone.{name}", b[name], "must be a non-empty list of positive numbers" + (", odd" * (name[0] == "k")))
+               f"backbone.{name}", b[name], f"must be a non-empty list of positive{' odd' * (name[0] == 'k')} numbers")
 
 
 def _check_search_space(s: dict) -> None:
@@ -186,27 +179,11 @@ def _check_search_space(s: dict) -> None:
            f"must be in [search_space.min_exits={lo}, {n_taps if n_taps is not None else 'the number of taps'}]"
            + (f" (exit_taps={taps})" if n_taps is not None else ""))
     _check(len(branch["ops"]) > 0 and all(op in BRANCH_OPS for op in branch["ops"]), "search_space.branch.ops",
-           branch["ops"], f"must be a non-empty list of {', '.join(BRANCH_OPS)} (an empty list leaves nothing to search)")
+           branch["ops"], f"must be a non-empty list of {', '.join(BRANCH_OPS)} (an empty list leaves nothing to "
+           "search)")
     _check(len(branch["widths"]) > 0 and all(w > 0 for w in branch["widths"]), "search_space.branch.widths",
            branch["widths"], "must be a non-empty list of positive widths")
     _at_least(branch, "search_space.branch", branch["min_layers"], "max_layers")
-
-
-def _check_hardware(h: dict) -> None:
-    from ee_nas.hardware.profile import make_profile
-
-    try:  # the profile checks its own combinations (targets, objective)
-        make_profile(**{k: v for k, v in h.items() if not k.startswith("_")})
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"config error: {err}") from None
-
-
-def _check_search(s: dict) -> None:
-    _one_of(s["algorithm"], "search.algorithm", ("nsga2", "random"))
-    _at_least(s, "search", 2, "pop_size")
-    _check(0 <= s["seed"] < 2**32, "search.seed", s["seed"], "must be in [0, 2**32 - 1]")
-    for name in ("mutation_prob", "crossover_prob"):
-        _check(0 <= s[name] <= 1, f"search.{name}", s[name], "must be in [0, 1]")
 
 
 def _check_training(tr: dict) -> None:
@@ -217,20 +194,17 @@ def _check_training(tr: dict) -> None:
     _check(lr is None or isinstance(lr, (int, float)) and lr > 0, "training.optimizer.lr", lr, "must be > 0")
     sched = tr.get("scheduler")
     if sched is not None:
-        from hydra.utils import get_object
-
         _check("_target_" in sched, "training.scheduler", sched, "must be null or a mapping with a _target_")
         _check("T_max" in inspect.signature(get_object(sched["_target_"])).parameters, "training.scheduler._target_",
                sched["_target_"], "the module passes T_max (the epochs); use a scheduler that takes it, e.g. "
                "torch.optim.lr_scheduler.CosineAnnealingLR, or null")
 
 
-def _check_devices(cfg: DictConfig, t: dict, device: str) -> None:
+def _check_top(cfg: DictConfig, t: dict, device: str) -> None:
     _check(type(cfg.seed) is int and 0 <= cfg.seed < 2**32, "seed", cfg.seed, "must be an integer in [0, 2**32 - 1]")
     _check(not cfg.arch or Path(cfg.arch).is_file(), "arch", cfg.arch, "must be the path of an existing arch.yaml")
-    _at_least(t, "trainer", 1, "check_val_every_n_epoch")
-    _check(device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None, "evaluation.device",
-           device, "valid: auto, cpu, cuda, cuda:N")
+    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is not None, "evaluation.device", device,
+           "valid: auto, cpu, cuda, cuda:N")
     import torch
 
     for key, value in (("trainer.accelerator", str(t["accelerator"])), ("evaluation.device", device)):
@@ -244,13 +218,23 @@ def validate(cfg: DictConfig) -> None:
     from ee_nas.thresholds.confidence import MEASURES
 
     _check_keys(cfg, OmegaConf.to_container(cfg, resolve=False))
-    for key, (lo, *names) in AT_LEAST.items():
+    _check_top(cfg, _resolve(cfg, "trainer"), cfg.evaluation.device)
+    for key, lo, *names in AT_LEAST:
         _at_least(_resolve(cfg, key) or {}, key, lo, *names)
+    search = _resolve(cfg, "search")
+    _one_of(search["algorithm"], "search.algorithm", ("nsga2", "random"))
+    for name, hi in (("seed", 2**32 - 1), ("mutation_prob", 1), ("crossover_prob", 1)):
+        _check(0 <= search[name] <= hi, f"search.{name}", search[name], f"must be in [0, {hi}]")
     _one_of(cfg.thresholds.measure, "thresholds.measure", MEASURES)
-    _check_devices(cfg, _resolve(cfg, "trainer"), cfg.evaluation.device)
     for group, check in [("data", _check_data), ("backbone", _check_backbone), ("search_space", _check_search_space),
-                         ("hardware", _check_hardware), ("search", _check_search), ("training", _check_training)]:
+                         ("training", _check_training)]:
         check(_resolve(cfg, group))
+    from ee_nas.hardware.profile import make_profile
+
+    try:  # the profile checks its own combinations (targets, objective)
+        make_profile(**{k: v for k, v in _resolve(cfg, "hardware").items() if not k.startswith("_")})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config error: {err}") from None
 
 
 def validate_built(space, cost_model, hardware) -> None:
@@ -261,14 +245,12 @@ def validate_built(space, cost_model, hardware) -> None:
         target = hardware.target(reference)
         floor = float(cheapest.cum_macs[0])  # every sample pays at least the smallest subnet's first exit
         if target is not None and target < floor:
-            key, value = ("target_fraction", hardware.target_fraction) if hardware.target_fraction is not None \
-                else ("target_macs", hardware.target_macs)
-            valid = (f"must be >= {math.ceil(floor / reference * 1e4) / 1e4}" if key == "target_fraction"
-                     else f"must be >= {math.ceil(floor)}")
-            raise ConfigError(
-                f"config error: hardware.{key}={value!r} is invalid; {valid}: a budget of {target:.4g} avg MACs is "
-                f"below the cheapest candidate (the smallest subnet's first exit costs {floor:.4g} MACs; the "
-                f"largest backbone {reference:.4g}), so no candidate could meet it")
+            key = "target_fraction" if hardware.target_fraction is not None else "target_macs"
+            low = math.ceil(floor / reference * 1e4) / 1e4 if key == "target_fraction" else math.ceil(floor)
+            raise ConfigError(f"config error: hardware.{key}={getattr(hardware, key)!r} is invalid; must be >= {low}: "
+                              f"a budget of {target:.4g} avg MACs is below the cheapest candidate (the smallest "
+                              f"subnet's first exit costs {floor:.4g} MACs; the largest backbone {reference:.4g}), "
+                              "so no candidate could meet it")
     if hardware.max_params is not None and cheapest.params > hardware.max_params:
         raise ConfigError(f"config error: hardware.max_params={hardware.max_params!r} is invalid; must be >= "
                           f"{cheapest.params}: the smallest subnet already has {cheapest.params} parameters")

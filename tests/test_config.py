@@ -1,4 +1,5 @@
 """Every option of every config group composes and instantiates, so a renamed class fails here."""
+import copy
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ def resolved(cfg, key):
     from hydra.core.hydra_config import HydraConfig
 
     cfg.hydra.runtime.output_dir = "/tmp/ee_nas_test_out"
-    HydraConfig.instance().set_config(cfg)  # ${hydra:runtime.output_dir} (paths.run_dir) resolves
+    HydraConfig.instance().set_config(copy.deepcopy(cfg))  # ${hydra:runtime.output_dir} (paths.run_dir) resolves
     return OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)
 
 

@@ -126,7 +126,7 @@ def test_exit_taps_beyond_the_backbone(make_backbone):
 
     backbone = make_backbone("mobilenetv3_small", in_channels=1, image_size=32)
     with pytest.raises(ConfigError, match=r"^config error: search_space.exit_taps=\[40\]: taps must be distinct block "
-                                          r"indices in \[0, 6\] \(the backbone has 8 blocks"):
+                                          r"indices in \[0, 5\] \(the backbone has 7 blocks"):
         build(compose_cfg("search_space.exit_taps=[40]"), "search_space", backbone=backbone)
 
 
@@ -135,6 +135,6 @@ def test_the_command_line_prints_one_line_and_exits_2(cli, tmp_path):
     out = done.stdout + done.stderr
     assert done.returncode == 2, out[-3000:]
     errors = [line for line in out.splitlines() if "config error" in line]
-    assert len(errors) == 1 and "search_space.exit_taps=[3, 40]" in errors[0] and "[0, 6]" in errors[0]
+    assert len(errors) == 1 and "search_space.exit_taps=[3, 40]" in errors[0] and "[0, 5]" in errors[0]
     assert "Traceback" not in out
     assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before training
