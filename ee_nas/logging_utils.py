@@ -1,4 +1,4 @@
-"""Loggers for a run, built from conf/logger/ (CSV, W&B offline unless configured, ...); final artifacts and shutdown."""
+"""Loggers built from conf/logger/ (CSV, W&B offline unless configured, ...); final artifacts and clean shutdown."""
 from __future__ import annotations
 
 import logging

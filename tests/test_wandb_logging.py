@@ -1,9 +1,11 @@
 """An offline W&B run of the pipeline holds the per-generation search history and the all-candidates table."""
+import copy
 import json
 import time
 
 import pytest
 from inprocess import run_in_process
+from omegaconf import OmegaConf
 
 wandb = pytest.importorskip("wandb")
 
@@ -68,3 +70,25 @@ def test_offline_wandb_run_holds_search_history_and_candidates(tmp_path, monkeyp
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.run_id in runs[0].name and run.job_type == "aebnas-nsga2" and run.run_group == "digits_search"
     assert run.display_name == "callbacks=[default,lr_monitor],debug=smoke,logger=default"  # from the overrides
+
+
+def test_multirun_jobs_grouped_by_sweep_named_by_overrides_with_a_stable_id(tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from inprocess import compose_run
+
+    from ee_nas.logging_utils import wandb_settings
+
+    cfg = compose_run(tmp_path / "0", "seed=1", "search_space=placement_only", "search=random")
+    hydra = copy.deepcopy(HydraConfig.get())  # as a multirun job sees it
+    OmegaConf.set_readonly(hydra, False)
+    hydra.mode, hydra.sweep.dir = RunMode.MULTIRUN, "multirun/x/2026-01-02_03-04-05"
+    hydra.job.override_dirname = "seed=1"
+    HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra}))
+    settings = wandb_settings(cfg, tmp_path / "0", cfg.logger.wandb)
+    assert settings["group"] == "x/2026-01-02_03-04-05" and settings["name"] == "seed=1"
+    assert settings["job_type"] == "placement_only-random" and settings["resume"] == "allow"
+    assert settings["id"] == wandb_settings(cfg, tmp_path / "0", cfg.logger.wandb)["id"]  # a rerun continues it
+    assert settings["id"] != wandb_settings(cfg, tmp_path / "1", cfg.logger.wandb)["id"]
+    cfg.logger.wandb.group = "mine"  # what the config sets wins
+    assert "group" not in wandb_settings(cfg, tmp_path / "0", cfg.logger.wandb)

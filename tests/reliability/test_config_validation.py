@@ -138,3 +138,17 @@ def test_the_command_line_prints_one_line_and_exits_2(cli, tmp_path):
     assert len(errors) == 1 and "search_space.exit_taps=[3, 40]" in errors[0] and "[0, 5]" in errors[0]
     assert "Traceback" not in out
     assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before training
+
+
+@pytest.mark.parametrize("override, message", [
+    ("search.pop_size=many", "config error: search.pop_size=many is invalid; must be an integer"),
+    ("data.batch_sise=8", "config error: data.batch_sise=8 is not a key of data (DigitsConf) (did you mean "
+                          "data.batch_size?)"),
+    ("+data.batch_sise=8", "config error: data.batch_sise=8 is not a key of data (did you mean data.batch_size?)"),
+])
+def test_a_config_hydra_cannot_compose_is_one_line_and_exit_2(cli, tmp_path, override, message):
+    done = cli.run(tmp_path / "run", override)
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-3000:]
+    errors = [line for line in out.splitlines() if "config error" in line]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in out and "HYDRA_FULL_ERROR" not in out
