@@ -2,9 +2,10 @@
 
 `RUN_SCHEMA` types every group with one schema; data and backbone options, which hold different targets,
 get theirs by option name (`OPTION_SCHEMAS`). So a wrong type (``search.pop_size=many``) or an unknown key
-(``data.batch_sise=8``) fails while the config is composed, with the key named, before any code runs. Only the project's own rules (ranges, impossible
-combinations) are checked by hand, in `ee_nas.config`. Keys the pipeline passes itself (``in_channels``,
-``run_dir``, ``callbacks``, ...) are deliberately absent: a config that sets them is refused.
+(``data.batch_sise=8``) fails while the config is composed, with the key named, before any code runs.
+Only the project's own rules (ranges, impossible combinations) are checked by hand, in `ee_nas.config`.
+Keys the pipeline passes itself (``in_channels``, ``run_dir``, ``callbacks``, ...) are deliberately absent:
+a config that sets them is refused.
 """
 from __future__ import annotations
 
