@@ -23,7 +23,7 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
         # search metrics against the generation, not the training step: the hypervolume curve per generation
         run.define_metric("search/generation", hidden=True)
         run.define_metric("search/*", step_metric="search/generation")
-        if getattr(run, "url", None):
+        if isinstance(getattr(run, "url", None), str):  # online only (offline runs: wandb sync, README)
             log.info("W&B run: %s", run.url)
     return loggers
 
