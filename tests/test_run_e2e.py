@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from inprocess import run_in_process
 
-FAST = ["trainer.max_epochs=1", "search.pop_size=4", "search.n_generations=2",
+FAST = ["trainer.max_epochs=1", "search.pop_size=4", "search.n_generations=2", "finetune.epochs=1",
         "evaluation.calibration_samples=128", "thresholds.sweep_points=4", "trainer.enable_progress_bar=false"]
 
 
@@ -31,6 +31,11 @@ def test_summary_has_the_promised_keys(search_run):
     # avg MACs follows the definition from the reported exit rates and cumulative MACs
     assert on_disk["avg_macs"] == pytest.approx(sum(r * c for r, c in zip(on_disk["exit_rates"], on_disk["cum_macs"])))
     assert on_disk["n_evaluated"] >= 4
+    # did the exits, not a smaller backbone, meet the budget: saving against the chosen net's own backbone
+    # (the last exit's cumulative cost also pays every early head, so it bounds the own backbone from above)
+    assert on_disk["own_backbone_macs"] <= on_disk["cum_macs"][-1]
+    assert on_disk["exit_saving"] == pytest.approx(1 - on_disk["avg_macs"] / on_disk["own_backbone_macs"])
+    assert on_disk["finetune_epochs"] == 1 and 0 <= on_disk["pre_finetune_test_acc"] <= 1
     assert summary["test_acc"] == on_disk["test_acc"]
 
 

@@ -67,7 +67,7 @@ def test_bad_arguments():
 
 FAST = ["trainer.max_epochs=2", "search.pop_size=4", "search.n_generations=2", "search.n_per_iteration=2",
         "predictor=rbf", "logger=csv", "evaluation.calibration_samples=128", "thresholds.sweep_points=4",
-        "trainer.enable_progress_bar=false"]
+        "trainer.enable_progress_bar=false", "finetune.epochs=0"]
 
 
 def run_pipeline(run_dir: Path, *overrides: str) -> dict:

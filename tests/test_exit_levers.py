@@ -1,0 +1,94 @@
+"""What makes early exits a fair contender: per-op exit classifiers, the exit-saving floor, and
+starting a run from another run's trained supernet (one supernet searched at several targets)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from inprocess import compose_run
+
+from ee_nas.config import ConfigError
+from ee_nas.data.digits import DigitsDataModule
+from ee_nas.genome import BranchLayer, ExitBranch, Genome
+from ee_nas.models.branches import classifier_key
+from ee_nas.models.multi_exit import MultiExitSupernet
+from ee_nas.run_dir import adopt_supernet, claim_run_dir
+from ee_nas.search.evaluator import SubnetEvaluator
+
+
+def test_each_kind_of_branch_trains_its_own_classifier(make_backbone, make_space):
+    """A branch ending in raw tap features and one ending in a dwsep layer must not share a classifier:
+    a loss through one leaves the other's classifier untouched."""
+    torch.manual_seed(0)
+    backbone = make_backbone("mobilenetv3_small", in_channels=1, image_size=16)
+    space = make_space(backbone, "aebnas")
+    net = MultiExitSupernet(backbone, space)
+    largest = space.largest_backbone()
+    genome = Genome(largest.depths, largest.expands, largest.kernels,
+                    [ExitBranch(0, (BranchLayer("dwsep3x3", 16),))])
+    logits = net(torch.randn(4, 1, 16, 16), genome)
+    F.cross_entropy(logits[0], torch.tensor([0, 1, 2, 3])).backward()
+    classifiers = net.branches["0"].classifiers
+    assert classifiers["dwsep3x3"].weight.grad is not None and classifiers["dwsep3x3"].weight.grad.abs().sum() > 0
+    assert classifiers["none"].weight.grad is None and classifiers["mbconv6"].weight.grad is None
+    assert classifier_key(()) == "none"
+    assert classifier_key((BranchLayer("mbconv3", 16), BranchLayer("maxpool"))) == "mbconv3"  # pooling keeps the kind
+
+
+@pytest.fixture(scope="module")
+def evaluator(make_backbone, make_space):
+    torch.manual_seed(0)
+    dm = DigitsDataModule(image_size=16, val_fraction=0.2, test_fraction=0.2, eval_batch_size=256)
+    dm.setup()
+    backbone = make_backbone("mobilenetv3_small", in_channels=1, image_size=16)
+    supernet = MultiExitSupernet(backbone, make_space(backbone, "aebnas", min_exit_saving=0.4)).eval()
+    return SubnetEvaluator(supernet, dm, calibration_samples=64)
+
+
+def test_exit_saving_floor_tightens_the_budget_to_the_own_backbone(evaluator):
+    space = evaluator.supernet.space
+    genome = space.sample(np.random.default_rng(3))
+    own = evaluator.costs.costs(genome).backbone_macs
+    assert evaluator.exit_target(genome, None) == pytest.approx(0.6 * own)
+    assert evaluator.exit_target(genome, 0.1 * own) == pytest.approx(0.1 * own)  # a tighter target wins
+    record = evaluator.score(genome, None)
+    saving = 1 - record["avg_macs"] / record["backbone_macs"]
+    if record["feasible"]:  # the tuned thresholds send enough samples out early
+        assert saving >= 0.4 - 1e-9
+    else:  # not even the cheapest policy saves 40%: no early-exit network, never chosen
+        assert saving < 0.4
+
+
+def test_a_floor_needs_exits(make_backbone, make_space):
+    backbone = make_backbone("mobilenetv3_small", in_channels=1, image_size=16)
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match="min_exit_saving=0.3: .* 0 for a space without early exits"):
+        make_space(backbone, "static_nas", min_exit_saving=0.3)
+
+
+def test_a_run_starts_from_another_runs_supernet_only_if_it_trained_the_same_one(tmp_path):
+    source = tmp_path / "trained"
+    trained = compose_run(source, "hardware.target_fraction=0.25")
+    source.mkdir()
+    claim_run_dir(trained, source)
+    (source / "checkpoints").mkdir()
+    (source / "checkpoints" / "last.ckpt").write_bytes(b"supernet weights")
+
+    # another target and another exit-saving floor: the same supernet, adopted
+    other = tmp_path / "other_target"
+    other.mkdir()
+    cfg = compose_run(other, "hardware.target_fraction=0.5", "search_space.min_exit_saving=0",
+                      f"supernet_from={source}")
+    assert adopt_supernet(cfg, other) == source / "checkpoints" / "last.ckpt"
+    assert (other / "checkpoints" / "last.ckpt").read_bytes() == b"supernet weights"
+    assert adopt_supernet(cfg, other) is None  # it has a checkpoint of its own now: resume from that
+
+    # another backbone would load weights of the wrong shapes: refused, the key named
+    wrong = tmp_path / "other_backbone"
+    wrong.mkdir()
+    cfg = compose_run(wrong, "backbone.head_hidden=64", f"supernet_from={source}")
+    with pytest.raises(ConfigError, match=r"backbone\.head_hidden is 128 there and 64 here"):
+        adopt_supernet(cfg, wrong)
+    assert not (wrong / "checkpoints").exists()
+    with pytest.raises(ConfigError, match="no supernet checkpoint"):
+        adopt_supernet(compose_run(wrong, f"supernet_from={tmp_path / 'missing'}"), wrong)
