@@ -150,7 +150,9 @@ def evaluate_subnet(run: LoadedRun, genome: Genome, net) -> dict:
     costs = run.evaluator.costs.costs(genome)
     cum, cum_cost = costs.cum_macs, run.evaluator.cum_cost(genome)  # cum_cost: MACs, or ms
     mc = run.cfg.thresholds.max_candidates
-    policy = tune_thresholds(val.conf, val.correct, cum_cost, run.target, max_candidates=mc)
+    # the budget the search tuned to: the target, tightened by search_space.min_exit_saving (as in the run)
+    policy = tune_thresholds(val.conf, val.correct, cum_cost, run.evaluator.exit_target(genome, run.target),
+                             max_candidates=mc)
     tested = evaluate_policy(test.conf, test.correct, cum, policy.thresholds).to_dict()
     test_cost = evaluate_policy(test.conf, test.correct, cum_cost, policy.thresholds).avg_macs
     latency = {}
