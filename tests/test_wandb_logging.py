@@ -41,7 +41,8 @@ def read_history(run_file) -> list[dict]:
 def test_offline_wandb_run_holds_search_history_and_candidates(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir = tmp_path / "run"
-    summary = run_in_process(run_dir, "debug=smoke", "logger=default", "callbacks=[default,lr_monitor]")
+    summary = run_in_process(run_dir, "debug=smoke", "data.image_size=16", "logger=default",
+                             "callbacks=[default,lr_monitor]")
     runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, runs
     for _ in range(600):  # wandb's service may still be writing the file when finish() returns
@@ -69,7 +70,7 @@ def test_offline_wandb_run_holds_search_history_and_candidates(tmp_path, monkeyp
     # one stable id per run directory, named and typed for the dashboard
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.run_id in runs[0].name and run.job_type == "aebnas-nsga2" and run.run_group == "digits_search"
-    assert run.display_name == "callbacks=[default,lr_monitor],debug=smoke,logger=default"  # from the overrides
+    assert run.display_name == "callbacks=[default,lr_monitor],data.image_size=16,debug=smoke,logger=default"
 
 
 def test_multirun_jobs_grouped_by_sweep_named_by_overrides_with_a_stable_id(tmp_path):
