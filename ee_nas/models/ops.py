@@ -3,7 +3,7 @@
 An elastic layer owns the weights of its largest setting; a smaller setting uses
 a slice of them (first channels, centre crop of the kernel), as in Once-for-All.
 Every elastic layer can `extract(...)` a plain ``nn`` module holding a copy of
-the slice, so that a chosen subnet trains, exports and is counted by ptflops
+the slice, so that a chosen subnet trains, exports and is counted (ee_nas.hardware.macs)
 like any ordinary network.
 """
 from __future__ import annotations

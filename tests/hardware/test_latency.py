@@ -70,12 +70,12 @@ def test_calibration_corrects_every_exit(supernet):
 
 def test_unit_latencies_count_components_and_decisions(supernet):
     table = LatencyTable(supernet, timer=lambda fn: 1.0)  # every component, and every decision, 1 ms
-    g = Genome(depths=(1, 2, 3, 2), expands=(2.0,) * 8, kernels=(3,) * 8,
-               exits=[ExitBranch(0, (BranchLayer("conv3x3", 16), BranchLayer("maxpool"))), ExitBranch(4, ())])
+    g = Genome(depths=(2, 3, 2), expands=(2.0,) * 7, kernels=(3,) * 7,
+               exits=[ExitBranch(0, (BranchLayer("conv3x3", 16), BranchLayer("maxpool"))), ExitBranch(3, ())])
     # exit 1: stem + block 0 | branch: 2 layers + classifier + decision
-    # exit 2: blocks 1..4   | branch: classifier + decision;  final: blocks 5..7 | head + decision
-    np.testing.assert_allclose(table.predict(g), [2 + 4, 6 + 4 + 2, 12 + 3 + 2])
-    assert table.backbone_latency(g) == 1 + 8 + 1 + 1  # stem, 8 blocks, head, one decision
+    # exit 2: blocks 1..3   | branch: classifier + decision;  final: blocks 4..6 | head + decision
+    np.testing.assert_allclose(table.predict(g), [2 + 4, 6 + 3 + 2, 11 + 3 + 2])
+    assert table.backbone_latency(g) == 1 + 7 + 1 + 1  # stem, 7 blocks, head, one decision
 
 
 def test_avg_latency_checks_rates():
