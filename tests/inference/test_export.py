@@ -16,7 +16,7 @@ from ee_nas.models.multi_exit import MultiExitSupernet
 from ee_nas.genome import BranchLayer, ExitBranch, Genome
 from ee_nas.thresholds.confidence import confidence
 
-GENOME = Genome(depths=(1, 1, 2, 2), expands=(2.0, 4.0, 4.0, 2.0, 3.0, 4.0, 2.0, 3.0), kernels=(5, 3) * 4,
+GENOME = Genome(depths=(1, 2, 2), expands=(2.0, 4.0, 4.0, 2.0, 3.0, 4.0, 2.0), kernels=(5, 3, 5, 3, 5, 3, 5),
                 exits=[ExitBranch(0, (BranchLayer("mbconv6", 16), BranchLayer("maxpool"))),
                        ExitBranch(3, (BranchLayer("dwsep3x3", 32),))])
 

@@ -12,7 +12,7 @@ from ee_nas.genome import BranchLayer, ExitBranch, Genome
 from ee_nas.thresholds.confidence import confidence
 from ee_nas.thresholds.tuner import exit_indices
 
-GENOME = Genome(depths=(1, 2, 3, 2), expands=(2.0, 3.0, 4.0, 2.0, 3.0, 4.0, 2.0, 3.0), kernels=(3, 5) * 4,
+GENOME = Genome(depths=(2, 3, 2), expands=(2.0, 3.0, 4.0, 2.0, 3.0, 4.0, 2.0), kernels=(3, 5, 3, 5, 3, 5, 3),
                 exits=[ExitBranch(0, (BranchLayer("dwsep3x3", 16),)), ExitBranch(2, (BranchLayer("avgpool"),)),
                        ExitBranch(4, (BranchLayer("mbconv3", 32), BranchLayer("conv3x3", 16)))])
 
