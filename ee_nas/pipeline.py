@@ -48,10 +48,16 @@ def make_callbacks(cfg: DictConfig, run_dir: Path, hardware) -> tuple[list, obje
     return callbacks, nas
 
 
+def tune_on_val(cfg: DictConfig, evaluator, genome: Genome, val, target):
+    """The exit policy of `genome` tuned on its val outputs under the target (and the exit-saving floor)."""
+    return tune_thresholds(val.conf, val.correct, evaluator.cum_cost(genome), evaluator.exit_target(genome, target),
+                           max_candidates=cfg.thresholds.max_candidates)
+
+
 def finetune_chosen(cfg: DictConfig, net, genome: Genome, evaluator, datamodule, target) -> dict:
     """Fine-tune the chosen network in place as a static net (`finetune.epochs`, 0 = off); returns the
     summary entries that record it, with the val/test accuracy it had before (thresholds tuned alike)."""
-    epochs = int(cfg.get("finetune", {}).get("epochs", 0) or 0)
+    epochs = int(cfg.finetune.epochs)
     if epochs <= 0:
         return {"finetune_epochs": 0}
     from omegaconf import OmegaConf
@@ -59,10 +65,8 @@ def finetune_chosen(cfg: DictConfig, net, genome: Genome, evaluator, datamodule,
     from ee_nas.finetune import finetune_net
 
     out = evaluator.outputs(genome, ("val", "test"), net=net)
-    cum_cost = evaluator.cum_cost(genome)
-    policy = tune_thresholds(out["val"].conf, out["val"].correct, cum_cost, evaluator.exit_target(genome, target),
-                             max_candidates=cfg.thresholds.max_candidates)
-    before = evaluate_policy(out["test"].conf, out["test"].correct, cum_cost, policy.thresholds)
+    policy = tune_on_val(cfg, evaluator, genome, out["val"], target)
+    before = evaluate_policy(out["test"].conf, out["test"].correct, evaluator.cum_cost(genome), policy.thresholds)
     log.info("fine-tuning the chosen network for %d epochs (test acc before: %.4f)", epochs, before.accuracy)
     torch.manual_seed(cfg.seed)
     finetune_net(net, datamodule.train_dataloader(), OmegaConf.to_container(cfg.training, resolve=True), epochs,
@@ -96,8 +100,7 @@ def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hard
     val, test = out["val"], out["test"]
     costs = evaluator.costs.costs(genome)
     cum, cum_cost = costs.cum_macs, evaluator.cum_cost(genome)
-    policy = tune_thresholds(val.conf, val.correct, cum_cost, evaluator.exit_target(genome, target),
-                            max_candidates=cfg.thresholds.max_candidates)
+    policy = tune_on_val(cfg, evaluator, genome, val, target)
     tested = evaluate_policy(test.conf, test.correct, cum, policy.thresholds).to_dict()
     test_cost = evaluate_policy(test.conf, test.correct, cum_cost, policy.thresholds).avg_macs
     val_macs = float(policy.exit_rates @ cum)

@@ -79,7 +79,7 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path) -> None:
 #: what decides a trained supernet's weights: a run may start from another run's supernet when these agree
 SUPERNET_KEYS = ("seed", "data", "backbone", "search_space", "training", "trainer")
 #: ... except these, which only change how the trained supernet is searched
-SEARCH_ONLY_KEYS = ("search_space.min_exit_saving", *RESUME_IRRELEVANT)
+SEARCH_ONLY_KEYS = ("search_space.min_exit_saving",)
 
 
 def adopt_supernet(cfg: DictConfig, run_dir: Path) -> Path | None:

@@ -23,20 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_latency import backbone_only  # noqa: E402  (the static network without exits)
 from ee_nas.hardware.latency import cpu_model  # noqa: E402
 from ee_nas.inference.runtime import EarlyExitRuntime, load_run  # noqa: E402
 from ee_nas.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
-
-
-def backbone_only(net) -> nn.Module:
-    """The static network without early exits: every segment, then the final classifier."""
-    return nn.Sequential(*net.segments, net.heads[-1]).eval()
 
 
 def test_split(run):

@@ -98,7 +98,9 @@ def run_all(args) -> list[dict]:
     root = args.runs
     first = args.targets[0]
     # rounded up, so that the budget admits the cheapest candidate after printing
-    floors = {m: np.ceil(cheapest_fraction(m, args.overrides) * 1e4) / 1e4 for m in args.methods}
+    # per supernet (methods that search the same space share it)
+    floors = {owner: np.ceil(cheapest_fraction(owner, args.overrides) * 1e4) / 1e4
+              for owner in {METHODS[m][1] for m in args.methods}}
     jobs1, jobs2 = [], []
     for seed in args.seeds:
         for method in args.methods:
@@ -106,7 +108,7 @@ def run_all(args) -> list[dict]:
             for target in args.targets:
                 run_dir = root / method / f"t{target:g}" / f"seed{seed}"
                 trains = method == owner and target == first
-                budget = max(target, floors[method])
+                budget = max(target, floors[owner])
                 ovr = [*overrides, f"hardware.target_fraction={budget:.4g}", *args.overrides]
                 if not trains:
                     ovr.append(f"supernet_from={root / owner / f't{first:g}' / f'seed{seed}'}")
