@@ -74,10 +74,12 @@ class FinetuneModule(L.LightningModule):
 
 def finetune_net(net, train_loader, training: dict, epochs: int, lr: float | None = None,
                  device: torch.device | str = "cpu", calibration: torch.Tensor | None = None,
-                 eval_batch_size: int = 512, progress_bar: bool = False, logger=False):
+                 eval_batch_size: int = 512, progress_bar: bool = False, logger=False,
+                 limit_train_batches: int | float | None = None):
     """Train an extracted static subnet for `epochs` epochs with the supernet's joint per-exit loss, then
     recalibrate its BatchNorm on `calibration`. `training` is the run's `training` config (plain dict);
-    `lr` defaults to a tenth of its optimizer's. Returns the net (trained in place) and the lr used."""
+    `lr` defaults to a tenth of its optimizer's; `limit_train_batches` caps each epoch as Lightning's
+    Trainer does (None: every batch). Returns the net (trained in place) and the lr used."""
     optimizer = dict(training["optimizer"])
     optimizer["lr"] = float(lr) if lr is not None else 0.1 * float(optimizer.get("lr", 0.05))
     if epochs > 0:
@@ -90,7 +92,7 @@ def finetune_net(net, train_loader, training: dict, epochs: int, lr: float | Non
         trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=logger,
                             enable_checkpointing=False, enable_progress_bar=progress_bar,
                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                            log_every_n_steps=10)
+                            log_every_n_steps=10, limit_train_batches=limit_train_batches)
         trainer.fit(module, train_dataloaders=train_loader)
     net = net.to(device)
     if calibration is not None:

@@ -55,7 +55,8 @@ def tune_on_val(cfg: DictConfig, evaluator, genome: Genome, val, target):
 
 
 def finetune_chosen(cfg: DictConfig, net, genome: Genome, evaluator, datamodule, target) -> dict:
-    """Fine-tune the chosen network in place as a static net (`finetune.epochs`, 0 = off); returns the
+    """Fine-tune the chosen network in place as a static net (`finetune.epochs`, 0 = off; at most
+    `finetune.limit_train_batches` batches an epoch, null = all); returns the
     summary entries that record it, with the val/test accuracy it had before (thresholds tuned alike)."""
     epochs = int(cfg.finetune.epochs)
     if epochs <= 0:
@@ -71,7 +72,8 @@ def finetune_chosen(cfg: DictConfig, net, genome: Genome, evaluator, datamodule,
     torch.manual_seed(cfg.seed)
     finetune_net(net, datamodule.train_dataloader(), OmegaConf.to_container(cfg.training, resolve=True), epochs,
                  cfg.finetune.get("lr"), evaluator.device, evaluator.calibration, datamodule.eval_batch_size,
-                 progress_bar=bool(cfg.trainer.get("enable_progress_bar", False)))
+                 progress_bar=bool(cfg.trainer.get("enable_progress_bar", False)),
+                 limit_train_batches=cfg.finetune.get("limit_train_batches"))
     return {"finetune_epochs": epochs, "pre_finetune_test_acc": float(before.accuracy),
             "pre_finetune_val_acc": float(policy.accuracy)}
 

@@ -106,6 +106,7 @@ def test_debug_smoke_wins_over_any_experiment():
     cfg = apply_debug(compose_with("+experiment=svhn_search", "debug=smoke"))
     assert cfg.trainer.max_epochs == 1 and cfg.trainer.accelerator == "cpu"
     assert cfg.search.pop_size == 4 and "debug" not in cfg
+    assert cfg.finetune.limit_train_batches == cfg.trainer.limit_train_batches == 3  # fine-tuning is short too
 
 
 @pytest.mark.parametrize("name", options("logger") + options("callbacks"))

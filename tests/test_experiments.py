@@ -26,9 +26,14 @@ def test_experiment_smoke_on_fake_local_data(name, tmp_path, no_md5):
     assert (tmp_path / "run" / "summary.json").exists()
 
 
-def test_digits_experiment_smoke(tmp_path):
+def test_digits_experiment_smoke(tmp_path, monkeypatch):
+    import ee_nas.finetune
+
+    calls, real = [], ee_nas.finetune.finetune_net
+    monkeypatch.setattr(ee_nas.finetune, "finetune_net", lambda *a, **k: calls.append(k) or real(*a, **k))
     summary = run_in_process(tmp_path / "run", "+experiment=digits_search", "debug=smoke", "logger=csv")
-    assert summary["dataset"] == "digits"
+    assert summary["dataset"] == "digits" and summary["finetune_epochs"] == 1
+    assert [k["limit_train_batches"] for k in calls] == [3]  # the smoke's fine-tuning epoch is short too
 
 
 def test_multirun_with_basic_launcher_merges_in_aggregation(tmp_path):

@@ -118,6 +118,30 @@ def test_finetune_starts_at_inherited_accuracy_and_does_not_lower_it(trained_run
     assert saved["genome"] == summary["genome"]
 
 
+@pytest.mark.parametrize("limit, steps", [(None, 5), (2, 2)])
+def test_finetune_net_trains_limit_train_batches_an_epoch(limit, steps):
+    """finetune.limit_train_batches (debug=smoke sets it) caps each fine-tuning epoch; None trains on all."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ee_nas.finetune import finetune_net
+
+    class TwoExits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.steps = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), 0
+
+        def forward(self, x):
+            self.steps += self.training
+            return [self.a(x), self.b(x)]
+
+    net = TwoExits()
+    loader = DataLoader(TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))), batch_size=4)
+    training = {"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}, "final_weight": 1.0,
+                "early_weight": 1.0, "distill_weight": 0.0, "distill_temperature": 2.0}
+    finetune_net(net, loader, training, epochs=1, limit_train_batches=limit)
+    assert net.steps == steps
+
+
 # -- a latency-objective run: select and fine-tune tune thresholds against the target in ms ------------
 
 @pytest.fixture(scope="module")
