@@ -179,6 +179,7 @@ class TrainingConf:  # ee_nas.lit_module.MultiExitModule, less what the pipeline
     early_weight: float = 1.0
     distill_weight: float = 0.0
     distill_temperature: float = 2.0
+    channels_last: bool = True
 
 
 @dataclass

@@ -143,8 +143,12 @@ class SearchSpace:
         return Genome(**bb, exits=[self._random_branch(t, rng) for t in self.training_taps(bb["depths"])])
 
     def training_genomes(self, rng: np.random.Generator, n_random: int) -> list[Genome]:
-        """Sandwich rule: largest, smallest and `n_random` random subnets (duplicates dropped)."""
-        genomes = [self.largest(), self.smallest()] + [self.sample_training(rng) for _ in range(n_random)]
+        """Sandwich rule: the largest backbone, the smallest subnet and `n_random` random subnets (duplicates
+        dropped), each with a branch at every tap it keeps. The largest backbone's branches are random too: the
+        costliest branch at every tap took 40% of a training step and gave one op most of the updates."""
+        top = self.largest()
+        top = Genome(top.depths, top.expands, top.kernels, [self._random_branch(e.tap, rng) for e in top.exits])
+        genomes = [top, self.smallest()] + [self.sample_training(rng) for _ in range(n_random)]
         unique = {g.key(): g for g in genomes}
         return list(unique.values())
 

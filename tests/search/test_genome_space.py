@@ -248,7 +248,9 @@ def test_training_genomes_sandwich(spaces, key):
     assert all(len(e.layers) == space.min_layers for e in smallest.exits)
     genomes = space.training_genomes(np.random.default_rng(0), n_random=4)
     keys = [g.key() for g in genomes]
-    assert largest.key() in keys and smallest.key() in keys
+    top = genomes[0]  # the largest backbone, its branches drawn like a random subnet's
+    assert (top.depths, top.expands, top.kernels) == (largest.depths, largest.expands, largest.kernels)
+    assert smallest.key() in keys
     assert len(set(keys)) == len(keys)
     for g in genomes:  # every training subnet has a branch at every active tap (each step trains each tap)
         assert g.taps == tuple(space.active_taps(g.depths))
