@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 from inprocess import run_in_process
 
-FAST = ["trainer.max_epochs=1", "search.pop_size=4", "search.n_generations=2", "finetune.epochs=1",
-        "evaluation.calibration_samples=128", "thresholds.sweep_points=4", "trainer.enable_progress_bar=false"]
+# 3 batches of supernet training and of fine-tuning: these tests check what a run writes, not how well it learns
+FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "search.pop_size=4", "search.n_generations=2",
+        "finetune.epochs=1", "finetune.limit_train_batches=3", "evaluation.calibration_samples=128",
+        "thresholds.sweep_points=4", "trainer.enable_progress_bar=false"]
 
 
 def run_pipeline(run_dir: Path, *overrides: str) -> dict:
