@@ -15,7 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["trainer.max_epochs=3", "++trainer.limit_train_batches=3", "data.batch_size=32", "data.image_size=16",
         "search.pop_size=4", "search.n_generations=2", "evaluation.calibration_samples=64",
-        "thresholds.sweep_points=4", "logger=csv", "trainer.enable_progress_bar=false", "finetune.epochs=1"]
+        "thresholds.sweep_points=4", "logger=csv", "trainer.enable_progress_bar=false", "finetune.epochs=1",
+        "finetune.limit_train_batches=3"]
 # one thread, as in-process tests use (tests/conftest.py): the same arithmetic, and no thread fights on 2 cores
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
 
