@@ -88,7 +88,7 @@ class SubnetEvaluator:
         cum_cost = self.latency.predict(genome) if self.by_latency else costs.cum_macs  # = cum_cost(genome)
         val = self.outputs(genome, ("val",))["val"]
         policy = tune_thresholds(val.conf, val.correct, cum_cost, self.exit_target(genome, target),
-                                 max_candidates=self.max_candidates)
+                                 max_candidates=self.max_candidates, warn=False)
         p = policy.to_dict()
         violations = self._violations(genome, costs)
         record = {

@@ -200,12 +200,13 @@ class _Problem:
 
 
 def tune_thresholds(conf, correct, cum_macs, target: float | None, *, lam: float | None = None,
-                    max_candidates: int = 256) -> ExitPolicy:
+                    max_candidates: int = 256, warn: bool = True) -> ExitPolicy:
     """Maximize accuracy s.t. avg_macs <= target (None: no constraint, ties -> fewer MACs).
 
     With `lam`, maximize acc - lam * avg_macs / cum_macs[-1] instead (target, if
     given, stays a hard cap). If even "everyone leaves at exit 1" misses the
-    target, that cheapest policy is returned with feasible=False and a warning.
+    target, that cheapest policy is returned with feasible=False and (with `warn`) a warning; the search
+    passes warn=False, since an infeasible candidate is routine there and its constraint says so.
     """
     conf = as_numpy(conf, np.float64)
     correct = as_numpy(correct, bool)
@@ -225,7 +226,7 @@ def tune_thresholds(conf, correct, cum_macs, target: float | None, *, lam: float
         return evaluate_policy(conf, correct, cum_macs, pb._thr(idx), target)
 
     if k == 1 or not _within(cum_macs[0], target):
-        if not _within(cum_macs[0], target):
+        if warn and not _within(cum_macs[0], target):
             log.warning("no thresholds meet target %.4g MACs (cheapest policy: %.4g); returning it, infeasible",
                         target, cum_macs[0])
         return finish(cheap)
