@@ -20,8 +20,9 @@ sys.path.insert(0, str(ROOT / "experiments"))
 def test_experiment_smoke_on_fake_local_data(name, tmp_path, no_md5):
     root = tmp_path / "data"
     write_fake(name, root)
+    # 16x16: the experiment's large supernet at a quarter of the cost; what runs is the experiment's config
     summary = run_in_process(tmp_path / "run", f"+experiment={name}_search", "debug=smoke", f"data.root={root}",
-                             "data.download=false", "logger=csv", "data.batch_size=16")
+                             "data.download=false", "logger=csv", "data.batch_size=16", "data.image_size=16")
     assert summary["dataset"] == name and summary["search_space"] == "aebnas"
     assert (tmp_path / "run" / "summary.json").exists()
 
