@@ -32,12 +32,14 @@ def non_finite_tensors(state_dict) -> list[str]:
 class MultiExitModule(L.LightningModule):
     def __init__(self, supernet, optimizer, scheduler=None, n_random: int = 1, final_weight: float = 1.0,
                  early_weight: float = 1.0, distill_weight: float = 0.0, distill_temperature: float = 2.0,
-                 channels_last: bool = False, calibration_samples: int = 512, seed: int = 0):
+                 channels_last: bool = False, branch_lr_scale: float = 1.0, calibration_samples: int = 512,
+                 seed: int = 0):
         super().__init__()
         self.supernet, self.space = supernet, supernet.space
         self.optimizer_cfg, self.scheduler_cfg = optimizer, scheduler
         self.n_random, self.final_weight, self.early_weight = n_random, final_weight, early_weight
         self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
+        self.branch_lr_scale = branch_lr_scale
         # NHWC weights and activations: mkldnn's depthwise-conv backward, most of a CPU step, runs faster
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.supernet.to(memory_format=self.memory_format)
@@ -114,7 +116,12 @@ class MultiExitModule(L.LightningModule):
         self.__dict__.pop("_val_net", None)
 
     def configure_optimizers(self):
-        optimizer = instantiate(self.optimizer_cfg)(self.parameters())
+        # (ee_nas.finetune.FinetuneModule borrows this method: a static net's few exits need no scaling)
+        branch = list(self.supernet.branches.parameters()) if isinstance(self, MultiExitModule) else []
+        shared = [p for p in self.parameters() if id(p) not in set(map(id, branch))]
+        optimizer = instantiate(self.optimizer_cfg)([{"params": shared}] + ([{"params": branch}] if branch else []))
+        if branch:  # each tap's loss enters the mean over all taps: its branch alone would learn too slowly
+            optimizer.param_groups[1]["lr"] *= self.branch_lr_scale
         if not self.scheduler_cfg:
             return optimizer
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1

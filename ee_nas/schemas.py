@@ -180,6 +180,7 @@ class TrainingConf:  # ee_nas.lit_module.MultiExitModule, less what the pipeline
     distill_weight: float = 0.0
     distill_temperature: float = 2.0
     channels_last: bool = True
+    branch_lr_scale: float = 1.0
 
 
 @dataclass

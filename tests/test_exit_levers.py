@@ -34,6 +34,28 @@ def test_each_kind_of_branch_trains_its_own_classifier(make_backbone, make_space
     assert classifier_key((BranchLayer("mbconv3", 16), BranchLayer("maxpool"))) == "mbconv3"  # pooling keeps the kind
 
 
+def test_branches_train_at_a_scaled_lr_the_backbone_at_the_base_lr(make_backbone, make_space):
+    """One SGD step from zero momentum moves a parameter by lr * grad: branch weights by branch_lr_scale
+    times the configured lr, backbone weights by the lr itself."""
+    from ee_nas.lit_module import MultiExitModule
+
+    torch.manual_seed(0)
+    backbone = make_backbone("mobilenetv3_small", in_channels=1, image_size=16)
+    net = MultiExitSupernet(backbone, make_space(backbone, "aebnas"))
+    sgd = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
+    module = MultiExitModule(net, optimizer=sgd, branch_lr_scale=12.0)
+    optimizer = module.configure_optimizers()
+    branch, stem = net.branches["0"].classifiers["none"].weight, next(net.backbone.parameters())
+    before = [branch.detach().clone(), stem.detach().clone()]
+    top = net.space.largest_backbone()
+    logits = net(torch.randn(8, 1, 16, 16), Genome(top.depths, top.expands, top.kernels, [ExitBranch(0, ())]))
+    sum(F.cross_entropy(z, torch.arange(8) % 10) for z in logits).backward()
+    grads = [branch.grad.clone(), stem.grad.clone()]
+    optimizer.step()
+    assert torch.allclose(before[0] - branch.detach(), 1.2 * grads[0], atol=1e-6)
+    assert torch.allclose(before[1] - stem.detach(), 0.1 * grads[1], atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def evaluator(make_backbone, make_space):
     torch.manual_seed(0)
