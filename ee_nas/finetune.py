@@ -18,19 +18,14 @@ the arch.yaml).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
-import torch
-
-from ee_nas.lit_module import MultiExitModule, NonFiniteLossError
-from ee_nas.models.bn import recalibrate_bn
 from ee_nas.genome import Genome
-from ee_nas.pipeline import save_subnet
 from ee_nas.cli import arg, parse
 from ee_nas.select import evaluate_subnet, load_run, target_keys
 
@@ -41,35 +36,54 @@ REPORT_KEYS = ("test_acc", "avg_macs", "relative_macs", "val_acc", "val_avg_macs
                "avg_latency_ms", "val_avg_latency_ms")  # the latency keys only with a latency table
 
 
-class FinetuneModule(L.LightningModule):
-    """A static multi-exit subnet trained with the supernet's loss (the same functions, not a copy)."""
+@functools.cache
+def _finetune_module_class():
+    """FinetuneModule, built once on first use: torch and Lightning are imported for training only (so
+    `--help` answers in a second, as the other tools' do)."""
+    import lightning as L
+    import torch
 
-    exit_loss = MultiExitModule.exit_loss
-    configure_optimizers = MultiExitModule.configure_optimizers
+    from ee_nas.lit_module import MultiExitModule, NonFiniteLossError
 
-    def __init__(self, net, optimizer, scheduler=None, final_weight: float = 1.0, early_weight: float = 1.0,
-                 distill_weight: float = 0.0, distill_temperature: float = 2.0):
-        super().__init__()
-        self.net, self.optimizer_cfg, self.scheduler_cfg = net, optimizer, scheduler
-        self.final_weight, self.early_weight = final_weight, early_weight
-        self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
+    class FinetuneModule(L.LightningModule):
+        """A static multi-exit subnet trained with the supernet's loss (the same functions, not a copy)."""
 
-    def forward(self, x):
-        return self.net(x)
+        exit_loss = MultiExitModule.exit_loss
+        configure_optimizers = MultiExitModule.configure_optimizers
 
-    def on_train_epoch_start(self):
-        self.net.train()  # extracted nets come in eval mode, and Lightning keeps a module's mode
+        def __init__(self, net, optimizer, scheduler=None, final_weight: float = 1.0, early_weight: float = 1.0,
+                     distill_weight: float = 0.0, distill_temperature: float = 2.0):
+            super().__init__()
+            self.net, self.optimizer_cfg, self.scheduler_cfg = net, optimizer, scheduler
+            self.final_weight, self.early_weight = final_weight, early_weight
+            self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.net(x)
-        loss = self.exit_loss(logits, y, logits[-1].detach())
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"fine-tuning loss became {loss.item()} at step {self.global_step}; "
-                                     "lower lr=...")
-        self.log("finetune/loss", loss, prog_bar=True)
-        self.log("finetune/acc_final", (logits[-1].argmax(1) == y).float().mean())
-        return loss
+        def forward(self, x):
+            return self.net(x)
+
+        def on_train_epoch_start(self):
+            self.net.train()  # extracted nets come in eval mode, and Lightning keeps a module's mode
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self.net(x)
+            loss = self.exit_loss(logits, y, logits[-1].detach())
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"fine-tuning loss became {loss.item()} at step {self.global_step}; "
+                                         "lower lr=...")
+            self.log("finetune/loss", loss, prog_bar=True)
+            self.log("finetune/acc_final", (logits[-1].argmax(1) == y).float().mean())
+            return loss
+
+    FinetuneModule.__qualname__ = "FinetuneModule"
+    return FinetuneModule
+
+
+def __getattr__(name: str):
+    """`ee_nas.finetune.FinetuneModule` (PEP 562): the class defined on first access."""
+    if name == "FinetuneModule":
+        return _finetune_module_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def finetune_net(net, train_loader, training: dict, epochs: int, lr: float | None = None,
@@ -80,14 +94,19 @@ def finetune_net(net, train_loader, training: dict, epochs: int, lr: float | Non
     recalibrate its BatchNorm on `calibration`. `training` is the run's `training` config (plain dict);
     `lr` defaults to a tenth of its optimizer's; `limit_train_batches` caps each epoch as Lightning's
     Trainer does (None: every batch). Returns the net (trained in place) and the lr used."""
+    import torch
+
+    from ee_nas.models.bn import recalibrate_bn
+
     optimizer = dict(training["optimizer"])
     optimizer["lr"] = float(lr) if lr is not None else 0.1 * float(optimizer.get("lr", 0.05))
     if epochs > 0:
+        import lightning as L
         from omegaconf import OmegaConf
 
-        module = FinetuneModule(net, OmegaConf.create(optimizer), training.get("scheduler"),
-                                training["final_weight"], training["early_weight"], training["distill_weight"],
-                                training["distill_temperature"])
+        module = _finetune_module_class()(net, OmegaConf.create(optimizer), training.get("scheduler"),
+                                          training["final_weight"], training["early_weight"],
+                                          training["distill_weight"], training["distill_temperature"])
         accelerator = "gpu" if torch.device(device).type == "cuda" else "cpu"
         trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=logger,
                             enable_checkpointing=False, enable_progress_bar=progress_bar,
@@ -112,9 +131,11 @@ def resolve_arch(run_dir: Path, arch: str | None) -> Path:
 def finetune(run_dir: str | Path, arch: str | Path | None = None, epochs: int = 5, lr: float | None = None,
              out: str | Path | None = None, device: str | None = None, seed: int | None = None) -> dict:
     """Fine-tune one architecture of a finished run; returns (and writes) the before/after summary."""
+    import lightning as L
     from lightning.pytorch.loggers import CSVLogger
     from omegaconf import OmegaConf
 
+    from ee_nas.pipeline import save_subnet
     from ee_nas.utils import atomic_write_json
 
     if epochs < 0:
@@ -166,9 +187,14 @@ class FinetuneArgs:
     seed: Optional[int] = arg(None, "seed (default: the run's seed)")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, matmul_precision: str | None = None) -> dict:
+    """The command line; `matmul_precision` (the command's "high") is set once the arguments parsed."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = parse(FinetuneArgs, argv, "python -m ee_nas.finetune", __doc__.split("\n\n")[0])
+    if matmul_precision is not None:
+        import torch
+
+        torch.set_float32_matmul_precision(matmul_precision)
     try:
         summary = finetune(**dataclasses.asdict(a))
     except (FileNotFoundError, ValueError) as err:
@@ -178,6 +204,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
-    main()
+    main(matmul_precision="high")
     sys.exit(0)
