@@ -1,7 +1,5 @@
 """Experiment configs run as smoke runs on fake local data; a 2-job multirun merges in the aggregation."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,14 +35,26 @@ def test_digits_experiment_smoke(tmp_path, monkeypatch):
     assert [k["limit_train_batches"] for k in calls] == [3]  # the smoke's fine-tuning epoch is short too
 
 
-def test_multirun_with_basic_launcher_merges_in_aggregation(tmp_path):
+def test_multirun_with_basic_launcher_merges_in_aggregation(tmp_path, monkeypatch):
+    """`python -m ee_nas.run -m ...` run as that command runs (runpy, __main__), in this process: Hydra's
+    basic launcher runs the jobs one after another in its own process anyway, and a new interpreter would
+    only add its imports (the command line in a process of its own: tests/reliability, test_submitit)."""
+    import logging
+    import runpy
+
     from aggregate import aggregate
 
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "ee_nas.run", "-m", "seed=1,2", "debug=smoke", "logger=csv",
-           f"hydra.sweep.dir={sweep}", "trainer.enable_progress_bar=false"]
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(sys, "argv", ["ee_nas.run", "-m", "seed=1,2", "debug=smoke", "logger=csv",
+                                      f"hydra.sweep.dir={sweep}", "trainer.enable_progress_bar=false"])
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        runpy.run_module("ee_nas.run", run_name="__main__", alter_sys=True)  # exits non-zero only on failure
+    finally:  # Hydra configured the job logging; leave the logging of later tests as it was
+        root.handlers[:] = handlers
+        root.setLevel(level)
     jobs = sorted(p.parent for p in sweep.rglob("summary.json"))
     assert [p.name for p in jobs] == ["0", "1"]
     summary = aggregate([sweep], tmp_path / "table")
