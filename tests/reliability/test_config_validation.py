@@ -144,7 +144,7 @@ def test_the_command_line_prints_one_line_and_exits_2(cli, tmp_path):
     ("search.pop_size=many", "config error: search.pop_size=many is invalid; must be an integer"),
     ("data.batch_sise=8", "config error: data.batch_sise=8 is not a key of data (DigitsConf) (did you mean "
                           "data.batch_size?)"),
-    ("+data.batch_sise=8", "config error: data.batch_sise=8 is not a key of data (did you mean data.batch_size?)"),
+    # +data.batch_sise=8 composes: ee_nas.config.validate refuses it inside the run, the path of the test above
 ])
 def test_a_config_hydra_cannot_compose_is_one_line_and_exit_2(cli, tmp_path, override, message):
     done = cli.run(tmp_path / "run", override)
