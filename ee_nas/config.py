@@ -42,7 +42,7 @@ def apply_debug(cfg: DictConfig) -> DictConfig:
 #: keyword arguments the pipeline passes itself: a config that sets one is told so
 PIPELINE_ARGS = {key: names.split() for key, names in {
     "backbone": "in_channels num_classes image_size", "search_space": "backbone", "training.optimizer": "params",
-    "search": "run_dir hardware measure max_candidates calibration_samples device predictor",
+    "search": "run_dir hardware measure max_candidates score_folds calibration_samples device predictor",
     "trainer": "callbacks logger default_root_dir plugins", "training.scheduler": "optimizer T_max"}.items()}
 _TYPES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string",
           "ListConfig": "a list", "DictConfig": "a mapping"}
@@ -133,9 +133,10 @@ AT_LEAST = [("data", 1, "batch_size", "eval_batch_size", "image_size"), ("data",
             ("data.augment", 0, "random_crop_padding"), ("search", 2, "pop_size"),
             ("search", 1, "n_generations", "n_per_iteration"), ("search_space", 0, "min_exits"),
             ("search_space.branch", 0, "min_layers"), ("thresholds", 2, "sweep_points", "max_candidates"),
+            ("thresholds", 1, "score_folds"),
             ("evaluation", 1, "calibration_samples"), ("trainer", 0, "max_epochs"),
             ("trainer", 1, "check_val_every_n_epoch"),
-            ("training", 0, "n_random", "final_weight", "early_weight", "distill_weight")]
+            ("training", 0, "n_random", "final_weight", "early_weight", "distill_weight", "branch_lr_scale")]
 
 
 def _check_data(d: dict) -> None:

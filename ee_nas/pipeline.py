@@ -41,7 +41,7 @@ def make_callbacks(cfg: DictConfig, run_dir: Path, hardware) -> tuple[list, obje
         # partial: a dataclass argument would be turned into a DictConfig by instantiate
         nas = instantiate(cfg.search, _partial_=True)(
             run_dir=str(run_dir), hardware=hardware, measure=cfg.thresholds.measure,
-            max_candidates=cfg.thresholds.max_candidates,
+            max_candidates=cfg.thresholds.max_candidates, score_folds=cfg.thresholds.score_folds,
             calibration_samples=cfg.evaluation.calibration_samples, device=eval_device(cfg),
             predictor=instantiate(cfg.predictor) if "_target_" in (cfg.get("predictor") or {}) else None)
         callbacks.append(nas)

@@ -168,6 +168,7 @@ class ThresholdsConf:
     measure: str = "max_softmax"  # max_softmax | entropy | margin
     max_candidates: int = 256
     sweep_points: int = 20
+    score_folds: int = 2
 
 
 @dataclass

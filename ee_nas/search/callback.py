@@ -31,14 +31,14 @@ class EvolutionaryNASCallback(L.Callback):
     def __init__(self, run_dir: str, hardware, algorithm: str = "nsga2", pop_size: int = 16,
                  n_generations: int = 8, seed: int = 0, crossover_prob: float = 0.9, mutation_prob: float = 0.1,
                  measure: str = "max_softmax", max_candidates: int = 256, calibration_samples: int = 512,
-                 device: str = "cpu", predictor=None, n_per_iteration: int = 8):
+                 device: str = "cpu", predictor=None, n_per_iteration: int = 8, score_folds: int = 1):
         self.run_dir, self.hardware = Path(run_dir), hardware
         # a Predictor (conf/predictor/): surrogate-assisted search, n_per_iteration true evaluations per generation
         self.predictor = None if predictor in (None, "none") else predictor
         self.n_per_iteration = n_per_iteration
         self.algorithm, self.pop_size, self.n_generations, self.seed = algorithm, pop_size, n_generations, seed
         self.crossover_prob, self.mutation_prob = crossover_prob, mutation_prob
-        self.measure, self.max_candidates = measure, max_candidates
+        self.measure, self.max_candidates, self.score_folds = measure, max_candidates, score_folds
         self.calibration_samples, self.device = calibration_samples, device
         self.result: dict | None = None
         self.latency = None  # the latency table, when the hardware profile has one
@@ -56,7 +56,7 @@ class EvolutionaryNASCallback(L.Callback):
         evaluator = SubnetEvaluator(supernet, trainer.datamodule, measure=self.measure,
                                     calibration_samples=self.calibration_samples, device=device,
                                     max_candidates=self.max_candidates, hardware=self.hardware,
-                                    latency=self.latency)
+                                    latency=self.latency, score_folds=self.score_folds)
         ref = evaluator.reference_cost  # in the objective's unit (MACs, or ms)
         target = self.hardware.target(ref)
         space = supernet.space

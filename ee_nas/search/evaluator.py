@@ -14,7 +14,7 @@ import torch
 from ee_nas.hardware.macs import CostModel
 from ee_nas.models.bn import recalibrate_bn
 from ee_nas.thresholds.confidence import confidence
-from ee_nas.thresholds.tuner import tune_thresholds
+from ee_nas.thresholds.tuner import cross_fitted_accuracy, tune_thresholds
 
 
 @dataclass
@@ -30,14 +30,14 @@ class ExitOutputs:
 class SubnetEvaluator:
     def __init__(self, supernet, datamodule, cost_model: CostModel | None = None, measure: str = "max_softmax",
                  calibration_samples: int = 512, device: str | torch.device = "cpu",
-                 max_candidates: int = 256, hardware=None, latency=None):
+                 max_candidates: int = 256, hardware=None, latency=None, score_folds: int = 1):
         self.supernet, self.datamodule = supernet, datamodule
         self.hardware, self.latency = hardware, latency
         self.by_latency = hardware is not None and hardware.objective == "latency"
         if self.by_latency and latency is None:
             raise ValueError("hardware.objective=latency needs a latency table (hardware.latency_lut)")
         self.costs = cost_model or CostModel(supernet)
-        self.measure, self.max_candidates = measure, max_candidates
+        self.measure, self.max_candidates, self.score_folds = measure, max_candidates, score_folds
         self.device = torch.device(device)
         self.calibration = datamodule.split_tensors("train", max_samples=calibration_samples)[0]
         self.reference_macs = self.costs.costs(supernet.space.largest_backbone()).backbone_macs
@@ -81,18 +81,24 @@ class SubnetEvaluator:
     def score(self, genome, target: float | None) -> dict:
         """Validation accuracy after per-candidate threshold tuning, its avg cost and the hardware caps.
 
+        `val_acc` (what the search ranks by) is cross-fitted over `score_folds` folds when > 1; the
+        thresholds, costs and `val_acc_tuned` come from tuning on all of val, as the report does.
+
         `target` and `avg_cost` are in the objective's unit (MACs, or ms with a latency
         objective); avg_macs is always reported from the same exit rates.
         """
         costs = self.costs.costs(genome)
         cum_cost = self.latency.predict(genome) if self.by_latency else costs.cum_macs  # = cum_cost(genome)
         val = self.outputs(genome, ("val",))["val"]
-        policy = tune_thresholds(val.conf, val.correct, cum_cost, self.exit_target(genome, target),
-                                 max_candidates=self.max_candidates, warn=False)
+        budget = self.exit_target(genome, target)
+        policy = tune_thresholds(val.conf, val.correct, cum_cost, budget, max_candidates=self.max_candidates,
+                                 warn=False)
         p = policy.to_dict()
+        val_acc = (cross_fitted_accuracy(val.conf, val.correct, cum_cost, budget, self.score_folds,
+                                         self.max_candidates) if self.score_folds > 1 else p["accuracy"])
         violations = self._violations(genome, costs)
         record = {
-            "val_acc": p["accuracy"], "avg_cost": p["avg_macs"], "avg_macs": float(policy.exit_rates @ costs.cum_macs),
+            "val_acc": val_acc, "val_acc_tuned": p["accuracy"], "avg_cost": p["avg_macs"], "avg_macs": float(policy.exit_rates @ costs.cum_macs),
             "feasible": p["feasible"] and not violations, "violations": violations,
             "thresholds": p["thresholds"], "exit_rates": p["exit_rates"],
             "cum_macs": costs.cum_macs.tolist(), "params": costs.params, "backbone_macs": costs.backbone_macs,

@@ -2,10 +2,12 @@
 from .confidence import MEASURES, confidence
 from .oracle import oracle_policy
 from .sweep import threshold_sweep
-from .tuner import ExitPolicy, evaluate_policy, exit_indices, tune_thresholds, tune_thresholds_from_logits
+from .tuner import (ExitPolicy, cross_fitted_accuracy, evaluate_policy, exit_indices, tune_thresholds,
+                    tune_thresholds_from_logits)
 
 __all__ = [
-    "MEASURES", "confidence", "oracle_policy", "threshold_sweep", "ExitPolicy", "evaluate_policy",
+    "MEASURES", "confidence", "oracle_policy", "threshold_sweep", "ExitPolicy", "cross_fitted_accuracy",
+    "evaluate_policy",
     "exit_indices", "tune_thresholds", "tune_thresholds_from_logits", "plot_threshold_sweep",
 ]
 

@@ -256,6 +256,30 @@ def tune_thresholds(conf, correct, cum_macs, target: float | None, *, lam: float
     return finish(max(pool, key=lambda r: pb._key(r[1], r[2], 0.0))[0])
 
 
+def cross_fitted_accuracy(conf, correct, cum_macs, target: float | None, folds: int = 2,
+                          max_candidates: int = 256) -> float:
+    """Accuracy of thresholds tuned on the other folds, each sample scored once (fold = index mod `folds`).
+
+    Thresholds tuned and scored on the same images flatter a network by what they fit of the noise,
+    the more exits the more (measured on digits: 99.2% val became 97.8% test), so a search that ranks
+    candidates that way prefers lucky early-exit networks; a one-exit network scores the same either way.
+    """
+    correct = as_numpy(correct, bool)
+    n, k = correct.shape
+    if k == 1 or folds <= 1:
+        return float(tune_thresholds(conf, correct, cum_macs, target, max_candidates=max_candidates,
+                                     warn=False).accuracy)
+    conf = as_numpy(conf, np.float64)
+    fold = np.arange(n) % folds
+    hits = 0.0
+    for f in range(folds):
+        held = fold == f
+        policy = tune_thresholds(conf[~held], correct[~held], cum_macs, target, max_candidates=max_candidates,
+                                 warn=False)
+        hits += evaluate_policy(conf[held], correct[held], cum_macs, policy.thresholds).accuracy * held.sum()
+    return float(hits / n)
+
+
 def tune_thresholds_from_logits(logits, labels, cum_macs, target, measure: str = "max_softmax", **kw) -> ExitPolicy:
     """Convenience: confidences and per-exit correctness from logits [N,K,C], labels [N]."""
     x = as_numpy(logits)

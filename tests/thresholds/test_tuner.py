@@ -117,3 +117,26 @@ def test_from_logits_and_quantile_candidates():
     assert p.accuracy >= (x[:, 0].argmax(-1) == y).mean()  # never worse than the cheapest policy
     d = p.to_dict()
     assert len(d["thresholds"]) == k and d["thresholds"][-1] == 0.0
+
+
+def test_cross_fitted_accuracy_does_not_reward_thresholds_that_fit_noise():
+    """Exit 0 is right half the time whatever its confidence: thresholds tuned on the same samples find
+    confidence bands where it happened to be right; tuned on the other fold, that luck does not carry over.
+    With one exit there is nothing to tune and both scores are the same."""
+    from ee_nas.thresholds import cross_fitted_accuracy
+
+    rng = np.random.default_rng(0)
+    n = 400
+    conf = np.column_stack([rng.random(n), np.ones(n)])
+    correct = np.column_stack([rng.random(n) < 0.5, rng.random(n) < 0.5])
+    cum = np.array([1.0, 2.0])
+    in_sample = tune_thresholds(conf, correct, cum, None).accuracy
+    crossed = cross_fitted_accuracy(conf, correct, cum, None, folds=2)
+    assert in_sample - crossed > 0.03
+    # the same number by hand: tune on the odd samples, score the even ones, and the other way round
+    even, odd = np.arange(n) % 2 == 0, np.arange(n) % 2 == 1
+    by_hand = sum(evaluate_policy(conf[a], correct[a], cum, tune_thresholds(conf[b], correct[b], cum, None).thresholds)
+                  .accuracy * a.sum() for a, b in ((even, odd), (odd, even))) / n
+    assert crossed == pytest.approx(by_hand)
+    one = correct[:, :1]
+    assert cross_fitted_accuracy(conf[:, :1], one, cum[:1], None) == pytest.approx(one.mean())
