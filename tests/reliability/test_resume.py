@@ -52,7 +52,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(cli, reference_run,
     assert len(json.loads(archive.read_text())["records"]) == 4  # one generation of 4 (pop_size)
     assert not (run_dir / "summary.json").exists()
 
-    # 4. the same command once more: finishes, with the uninterrupted run's numbers
+    # 4. the same command once more: finishes, with the uninterrupted run's numbers (the same seed in other
+    # processes, trained from scratch up to step 1's checkpoint: this is also the same-seed-same-results check)
     done = cli.run(run_dir)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resuming the search" in done.stdout + done.stderr
