@@ -17,8 +17,9 @@ def run_pipeline(run_dir: Path, *overrides: str) -> dict:
 
 @pytest.fixture(scope="module")
 def search_run(tmp_path_factory):
+    """Validates after its epoch, so that its last.ckpt is saved after a validation (a test below needs it)."""
     run_dir = tmp_path_factory.mktemp("run")
-    return run_dir, run_pipeline(run_dir)
+    return run_dir, run_pipeline(run_dir, "trainer.check_val_every_n_epoch=1")
 
 
 def test_summary_has_the_promised_keys(search_run):
@@ -85,12 +86,18 @@ def test_latency_objective_searches_on_measured_latency(tmp_path, monkeypatch):
     assert list((tmp_path / "cache").glob("latency_lut_*.json")), "the measured table is cached"
 
 
-def test_checkpoint_after_validation_holds_only_the_supernet(tmp_path):
+def test_checkpoint_after_validation_holds_only_the_supernet(search_run, tmp_path):
     """The validation copy of the largest subnet must stay out of checkpoints, or a resume fails to load."""
+    import shutil
+
     import torch
 
-    run_pipeline(tmp_path, "trainer.check_val_every_n_epoch=1", "logger=csv")
-    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    run_dir, summary = search_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    ckpt = torch.load(copy / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]["total"]["completed"] >= 1  # validated
+    state = ckpt["state_dict"]
     assert state and not [k for k in state if k.startswith("_val_net")]
-    again = run_pipeline(tmp_path, "trainer.check_val_every_n_epoch=1", "logger=csv")  # resumes from it
-    assert again["test_acc"] == json.loads((tmp_path / "summary.json").read_text())["test_acc"]
+    again = run_pipeline(copy, "trainer.check_val_every_n_epoch=1", "logger=csv")  # resumes from it
+    assert again["test_acc"] == summary["test_acc"]
