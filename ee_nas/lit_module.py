@@ -119,7 +119,8 @@ class MultiExitModule(L.LightningModule):
         # (ee_nas.finetune.FinetuneModule borrows this method: a static net's few exits need no scaling)
         branch = list(self.supernet.branches.parameters()) if isinstance(self, MultiExitModule) else []
         shared = [p for p in self.parameters() if id(p) not in set(map(id, branch))]
-        optimizer = instantiate(self.optimizer_cfg)([{"params": shared}] + ([{"params": branch}] if branch else []))
+        groups = [{"params": shared, "name": "shared"}] + ([{"params": branch, "name": "branches"}] if branch else [])
+        optimizer = instantiate(self.optimizer_cfg)(groups)
         if branch:  # each tap's loss enters the mean over all taps: its branch alone would learn too slowly
             optimizer.param_groups[1]["lr"] *= self.branch_lr_scale
         if not self.scheduler_cfg:

@@ -188,7 +188,10 @@ def export_selection(run: LoadedRun, picks: list[dict], prefer: str) -> list[dic
         report = evaluate_subnet(run, genome, net)
         genome.save(out / "arch.yaml")
         save_subnet(out / "subnet.pt", genome, net, report.pop("_thresholds"), run.cfg.thresholds.measure)
-        rows.append({"rank": rank, "prefer": prefer, "dir": str(out), "archive_val_acc": record["val_acc"],
+        # the archive's accuracy with thresholds tuned on all of val, as re-scored here (its val_acc may be
+        # cross-fitted: thresholds.score_folds)
+        rows.append({"rank": rank, "prefer": prefer, "dir": str(out),
+                     "archive_val_acc": record.get("val_acc_tuned", record["val_acc"]),
                      "archive_avg_macs": record["avg_macs"], **report, "genome": genome.to_dict()})
     atomic_write_json(run.run_dir / "selected" / "selection.json",
                       {"prefer": prefer, "reference_macs": run.reference_macs, **target_keys(run),
