@@ -18,7 +18,6 @@ the arch.yaml).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import sys
 from dataclasses import dataclass
@@ -34,56 +33,6 @@ log = logging.getLogger(__name__)
 REPORT_KEYS = ("test_acc", "avg_macs", "relative_macs", "val_acc", "val_avg_macs", "final_exit_test_acc",
                "meets_target", "exit_rates", "thresholds", "avg_cost", "val_avg_cost",
                "avg_latency_ms", "val_avg_latency_ms")  # the latency keys only with a latency table
-
-
-@functools.cache
-def _finetune_module_class():
-    """FinetuneModule, built once on first use: torch and Lightning are imported for training only (so
-    `--help` answers in a second, as the other tools' do)."""
-    import lightning as L
-    import torch
-
-    from ee_nas.lit_module import MultiExitModule, NonFiniteLossError
-
-    class FinetuneModule(L.LightningModule):
-        """A static multi-exit subnet trained with the supernet's loss (the same functions, not a copy)."""
-
-        exit_loss = MultiExitModule.exit_loss
-        configure_optimizers = MultiExitModule.configure_optimizers
-
-        def __init__(self, net, optimizer, scheduler=None, final_weight: float = 1.0, early_weight: float = 1.0,
-                     distill_weight: float = 0.0, distill_temperature: float = 2.0):
-            super().__init__()
-            self.net, self.optimizer_cfg, self.scheduler_cfg = net, optimizer, scheduler
-            self.final_weight, self.early_weight = final_weight, early_weight
-            self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
-
-        def forward(self, x):
-            return self.net(x)
-
-        def on_train_epoch_start(self):
-            self.net.train()  # extracted nets come in eval mode, and Lightning keeps a module's mode
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            logits = self.net(x)
-            loss = self.exit_loss(logits, y, logits[-1].detach())
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"fine-tuning loss became {loss.item()} at step {self.global_step}; "
-                                         "lower lr=...")
-            self.log("finetune/loss", loss, prog_bar=True)
-            self.log("finetune/acc_final", (logits[-1].argmax(1) == y).float().mean())
-            return loss
-
-    FinetuneModule.__qualname__ = "FinetuneModule"
-    return FinetuneModule
-
-
-def __getattr__(name: str):
-    """`ee_nas.finetune.FinetuneModule` (PEP 562): the class defined on first access."""
-    if name == "FinetuneModule":
-        return _finetune_module_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def finetune_net(net, train_loader, training: dict, epochs: int, lr: float | None = None,
@@ -104,9 +53,11 @@ def finetune_net(net, train_loader, training: dict, epochs: int, lr: float | Non
         import lightning as L
         from omegaconf import OmegaConf
 
-        module = _finetune_module_class()(net, OmegaConf.create(optimizer), training.get("scheduler"),
-                                          training["final_weight"], training["early_weight"],
-                                          training["distill_weight"], training["distill_temperature"])
+        from ee_nas.lit_module import FinetuneModule
+
+        module = FinetuneModule(net, OmegaConf.create(optimizer), training.get("scheduler"),
+                                training["final_weight"], training["early_weight"], training["distill_weight"],
+                                training["distill_temperature"])
         accelerator = "gpu" if torch.device(device).type == "cuda" else "cpu"
         trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=logger,
                             enable_checkpointing=False, enable_progress_bar=progress_bar,

@@ -1,4 +1,4 @@
-"""MultiExitModule: trains the weight-sharing early-exit supernet.
+"""MultiExitModule trains the weight-sharing early-exit supernet; FinetuneModule, a chosen static network.
 
 Each step trains several subnets by the sandwich rule (largest, smallest,
 `n_random` random), each with a branch at every tap it keeps, and sums their
@@ -115,9 +115,12 @@ class MultiExitModule(L.LightningModule):
             metric.reset()
         self.__dict__.pop("_val_net", None)
 
+    def branch_parameters(self) -> list:
+        """The exit branches' parameters: they train at `branch_lr_scale` times the lr."""
+        return list(self.supernet.branches.parameters())
+
     def configure_optimizers(self):
-        # (ee_nas.finetune.FinetuneModule borrows this method: a static net's few exits need no scaling)
-        branch = list(self.supernet.branches.parameters()) if isinstance(self, MultiExitModule) else []
+        branch = self.branch_parameters()
         shared = [p for p in self.parameters() if id(p) not in set(map(id, branch))]
         groups = [{"params": shared, "name": "shared"}] + ([{"params": branch, "name": "branches"}] if branch else [])
         optimizer = instantiate(self.optimizer_cfg)(groups)
@@ -145,3 +148,38 @@ class MultiExitModule(L.LightningModule):
             del checkpoint["state_dict"][key]
         if "subnet_sampler_rng" in checkpoint:
             self.rng.bit_generator.state = checkpoint["subnet_sampler_rng"]
+
+
+class FinetuneModule(L.LightningModule):
+    """A static multi-exit subnet (ee_nas.finetune) trained with the supernet's loss (the same functions, not a
+    copy); its few exits need no lr scaling."""
+
+    exit_loss = MultiExitModule.exit_loss
+    configure_optimizers = MultiExitModule.configure_optimizers
+
+    def __init__(self, net, optimizer, scheduler=None, final_weight: float = 1.0, early_weight: float = 1.0,
+                 distill_weight: float = 0.0, distill_temperature: float = 2.0):
+        super().__init__()
+        self.net, self.optimizer_cfg, self.scheduler_cfg = net, optimizer, scheduler
+        self.final_weight, self.early_weight = final_weight, early_weight
+        self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
+
+    def branch_parameters(self) -> list:
+        return []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def on_train_epoch_start(self):
+        self.net.train()  # extracted nets come in eval mode, and Lightning keeps a module's mode
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        loss = self.exit_loss(logits, y, logits[-1].detach())
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"fine-tuning loss became {loss.item()} at step {self.global_step}; "
+                                     "lower lr=...")
+        self.log("finetune/loss", loss, prog_bar=True)
+        self.log("finetune/acc_final", (logits[-1].argmax(1) == y).float().mean())
+        return loss
