@@ -121,7 +121,8 @@ class MultiExitModule(L.LightningModule):
 
     def configure_optimizers(self):
         branch = self.branch_parameters()
-        shared = [p for p in self.parameters() if id(p) not in set(map(id, branch))]
+        in_branch = set(map(id, branch))
+        shared = [p for p in self.parameters() if id(p) not in in_branch]
         groups = [{"params": shared, "name": "shared"}] + ([{"params": branch, "name": "branches"}] if branch else [])
         optimizer = instantiate(self.optimizer_cfg)(groups)
         if branch:  # each tap's loss enters the mean over all taps: its branch alone would learn too slowly

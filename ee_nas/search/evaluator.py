@@ -98,7 +98,8 @@ class SubnetEvaluator:
                                          self.max_candidates) if self.score_folds > 1 else p["accuracy"])
         violations = self._violations(genome, costs)
         record = {
-            "val_acc": val_acc, "val_acc_tuned": p["accuracy"], "avg_cost": p["avg_macs"], "avg_macs": float(policy.exit_rates @ costs.cum_macs),
+            "val_acc": val_acc, "val_acc_tuned": p["accuracy"],
+            "avg_cost": p["avg_macs"], "avg_macs": float(policy.exit_rates @ costs.cum_macs),
             "feasible": p["feasible"] and not violations, "violations": violations,
             "thresholds": p["thresholds"], "exit_rates": p["exit_rates"],
             "cum_macs": costs.cum_macs.tolist(), "params": costs.params, "backbone_macs": costs.backbone_macs,

@@ -266,7 +266,9 @@ def cross_fitted_accuracy(conf, correct, cum_macs, target: float | None, folds: 
     """
     correct = as_numpy(correct, bool)
     n, k = correct.shape
-    if k == 1 or folds <= 1:
+    if k == 1:  # no threshold to tune
+        return float(correct[:, 0].mean())
+    if folds <= 1:
         return float(tune_thresholds(conf, correct, cum_macs, target, max_candidates=max_candidates,
                                      warn=False).accuracy)
     conf = as_numpy(conf, np.float64)
