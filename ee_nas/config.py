@@ -131,7 +131,8 @@ def _one_of(value, key: str, valid) -> None:
 #: (group, lowest value, keys): integer and weight ranges
 AT_LEAST = [("data", 1, "batch_size", "eval_batch_size", "image_size"), ("data", 0, "num_workers"),
             ("data.augment", 0, "random_crop_padding"), ("search", 2, "pop_size"),
-            ("search", 1, "n_generations", "n_per_iteration"), ("search_space", 0, "min_exits"),
+            ("search", 1, "n_generations", "n_per_iteration"), ("search", 0, "n_largest"),
+            ("search_space", 0, "min_exits"),
             ("search_space.branch", 0, "min_layers"), ("thresholds", 2, "sweep_points", "max_candidates"),
             ("thresholds", 1, "score_folds"),
             ("evaluation", 1, "calibration_samples"), ("trainer", 0, "max_epochs"),
@@ -217,6 +218,8 @@ def _check_top(cfg: DictConfig, t: dict, device: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check the composed config; raises ConfigError naming the key, the value and the valid range."""
     from ee_nas.thresholds.confidence import MEASURES
+    from ee_nas.search.evolution import CHOOSE_RULES
+    from ee_nas.thresholds.tuner import TIES
 
     _check_keys(cfg, OmegaConf.to_container(cfg, resolve=False))
     _check_top(cfg, _resolve(cfg, "trainer"), cfg.evaluation.device)
@@ -224,9 +227,13 @@ def validate(cfg: DictConfig) -> None:
         _at_least(_resolve(cfg, key) or {}, key, lo, *names)
     search = _resolve(cfg, "search")
     _one_of(search["algorithm"], "search.algorithm", ("nsga2", "random"))
+    _one_of(search.get("choose", "best_val"), "search.choose", CHOOSE_RULES)
+    _check(search.get("choose_tolerance", 1.0) >= 0, "search.choose_tolerance", search.get("choose_tolerance"),
+           "must be >= 0 (standard errors)")
     for name, hi in (("seed", 2**32 - 1), ("mutation_prob", 1), ("crossover_prob", 1)):
         _check(0 <= search[name] <= hi, f"search.{name}", search[name], f"must be in [0, {hi}]")
     _one_of(cfg.thresholds.measure, "thresholds.measure", MEASURES)
+    _one_of(cfg.thresholds.get("ties", "cheap"), "thresholds.ties", TIES)
     for group, check in [("data", _check_data), ("backbone", _check_backbone), ("search_space", _check_search_space),
                          ("training", _check_training)]:
         check(_resolve(cfg, group))

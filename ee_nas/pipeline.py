@@ -49,9 +49,10 @@ def make_callbacks(cfg: DictConfig, run_dir: Path, hardware) -> tuple[list, obje
 
 
 def tune_on_val(cfg: DictConfig, evaluator, genome: Genome, val, target):
-    """The exit policy of `genome` tuned on its val outputs under the target (and the exit-saving floor)."""
+    """The deployed exit policy of `genome`: tuned on its val outputs under the target (and the exit-saving
+    floor), ties in val accuracy broken by `thresholds.ties`."""
     return tune_thresholds(val.conf, val.correct, evaluator.cum_cost(genome), evaluator.exit_target(genome, target),
-                           max_candidates=cfg.thresholds.max_candidates)
+                           max_candidates=cfg.thresholds.max_candidates, ties=cfg.thresholds.get("ties", "cheap"))
 
 
 def finetune_chosen(cfg: DictConfig, net, genome: Genome, evaluator, datamodule, target) -> dict:

@@ -160,6 +160,9 @@ class SearchConf:  # ee_nas.search.callback.EvolutionaryNASCallback, less what t
     crossover_prob: float = 0.9
     mutation_prob: float = 0.1
     n_per_iteration: int = 8
+    n_largest: int = 0
+    choose: str = "best_val"  # best_val | within_noise
+    choose_tolerance: float = 1.0
 
 
 # -- groups without a target ------------------------------------------------------------------------------
@@ -169,6 +172,7 @@ class ThresholdsConf:
     max_candidates: int = 256
     sweep_points: int = 20
     score_folds: int = 2
+    ties: str = "spend"  # cheap | spend
 
 
 @dataclass

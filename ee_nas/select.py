@@ -152,7 +152,7 @@ def evaluate_subnet(run: LoadedRun, genome: Genome, net) -> dict:
     mc = run.cfg.thresholds.max_candidates
     # the budget the search tuned to: the target, tightened by search_space.min_exit_saving (as in the run)
     policy = tune_thresholds(val.conf, val.correct, cum_cost, run.evaluator.exit_target(genome, run.target),
-                             max_candidates=mc)
+                             max_candidates=mc, ties=run.cfg.thresholds.get("ties", "cheap"))
     tested = evaluate_policy(test.conf, test.correct, cum, policy.thresholds).to_dict()
     test_cost = evaluate_policy(test.conf, test.correct, cum_cost, policy.thresholds).avg_macs
     latency = {}

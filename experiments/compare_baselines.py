@@ -31,9 +31,15 @@ import numpy as np
 
 METHODS = {  # name -> (overrides, the method whose supernet it searches)
     "aebnas": (["search_space=aebnas", "search=nsga2"], "aebnas"),
-    # ablation: the same supernet and search without the exit-saving floor
+    # ablations: the same supernet and search, one lever off (ABLATIONS)
     "aebnas_no_floor": (["search_space=aebnas", "search=nsga2", "search_space.min_exit_saving=0"], "aebnas"),
-    "static_nas": (["search_space=static_nas", "search=nsga2"], "static_nas"),
+    "aebnas_cheap_ties": (["search_space=aebnas", "search=nsga2", "thresholds.ties=cheap"], "aebnas"),
+    "aebnas_no_largest": (["search_space=aebnas", "search=nsga2", "search.n_largest=0"], "aebnas"),
+    "aebnas_best_val": (["search_space=aebnas", "search=nsga2", "search.choose=best_val"], "aebnas"),
+    # static NAS picks its network the standard way (OFA/NSGANetV2: the best val accuracy); the variant with
+    # aebnas' rule (search.choose=within_noise) checks that the baseline got the stronger of the two
+    "static_nas": (["search_space=static_nas", "search=nsga2", "search.choose=best_val"], "static_nas"),
+    "static_nas_within_noise": (["search_space=static_nas", "search=nsga2"], "static_nas"),
     "placement_only": (["search_space=placement_only", "search=nsga2"], "placement_only"),
     "random": (["search_space=aebnas", "search=random"], "aebnas"),
 }
@@ -42,6 +48,12 @@ REFERENCES = {  # cannot meet a tight target (their cheapest exit costs more): r
     "static": ["search_space=static", "hardware=unconstrained"],
 }
 BASELINE = "static_nas"
+ABLATIONS = {  # variant -> the lever it turns off, measured as aebnas minus the variant (paired by seed and target)
+    "aebnas_no_floor": "exit-saving floor (`search_space.min_exit_saving`)",
+    "aebnas_cheap_ties": "spending ties under the target (`thresholds.ties=spend`)",
+    "aebnas_no_largest": "largest backbone in the initial population (`search.n_largest`)",
+    "aebnas_best_val": "choosing within the val noise (`search.choose=within_noise`, not best_val)",
+}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -93,6 +105,18 @@ def cheapest_fraction(method: str, overrides: list[str]) -> float:
     return float(costs.costs(space.smallest()).cum_macs[0] / costs.costs(space.largest_backbone()).backbone_macs)
 
 
+def supernet_dir(args, owner: str, seed: int) -> Path:
+    """The run whose trained supernet (`owner`'s space, `seed`) the other runs search: this sweep's run at the
+    first target, or with --supernets the one an earlier sweep trained (which must exist)."""
+    if args.supernets is None:
+        return args.runs / owner / f"t{args.targets[0]:g}" / f"seed{seed}"
+    found = sorted(args.supernets.glob(f"{owner}/t*/seed{seed}/checkpoints/last.ckpt"))  # each run holds it
+    if not found:
+        raise SystemExit(f"--supernets {args.supernets}: no trained {owner} supernet for seed {seed} "
+                         f"({args.supernets}/{owner}/t*/seed{seed}/checkpoints/last.ckpt)")
+    return found[0].parents[1]
+
+
 def run_all(args) -> list[dict]:
     """Phase 1 trains one supernet per (seed, space) at the first target; phase 2 searches the rest."""
     root = args.runs
@@ -107,11 +131,11 @@ def run_all(args) -> list[dict]:
             overrides, owner = METHODS[method]
             for target in args.targets:
                 run_dir = root / method / f"t{target:g}" / f"seed{seed}"
-                trains = method == owner and target == first
+                trains = method == owner and target == first and args.supernets is None
                 budget = max(target, floors[owner])
                 ovr = [*overrides, f"hardware.target_fraction={budget:.4g}", *args.overrides]
                 if not trains:
-                    ovr.append(f"supernet_from={root / owner / f't{first:g}' / f'seed{seed}'}")
+                    ovr.append(f"supernet_from={supernet_dir(args, owner, seed)}")
                 (jobs1 if trains else jobs2).append((run_dir, method, target, seed, ovr, trains))
         for method in args.references:
             jobs1.append((root / method / f"seed{seed}", method, None, seed, [*REFERENCES[method], *args.overrides],
@@ -199,7 +223,7 @@ def table(records: list[dict]) -> str:
 
 def ablation(records: list[dict]) -> str:
     """Paired effects of the levers that the records can separate: fine-tuning the chosen network
-    (after vs before, per run) and the exit-saving floor (aebnas vs aebnas_no_floor, per seed and target)."""
+    (after vs before, per run) and each lever of ABLATIONS (aebnas vs the variant without it, per seed and target)."""
     lines = ["| lever | method | pairs | Δ test acc (pp), mean [95% CI] | Δ avg MACs / largest backbone |",
              "|---|---|---|---|---|"]
     for method in [m for m in METHODS if any(r["method"] == m for r in records)]:
@@ -208,14 +232,15 @@ def ablation(records: list[dict]) -> str:
             d = np.array([100 * (r["test_acc"] - r["pre_finetune_test_acc"]) for r in rs])
             lines.append(f"| fine-tuning the chosen network (`finetune.epochs`) | {method} | {len(d)} | "
                          "{:+.2f} [{:+.2f}, {:+.2f}] | – |".format(*t_interval(d)))
-    floor = {(r["seed"], r["target_fraction"]): r for r in records if r["method"] == "aebnas"}
-    free = {(r["seed"], r["target_fraction"]): r for r in records if r["method"] == "aebnas_no_floor"}
-    keys = sorted(set(floor) & set(free))
-    if keys:
-        d = np.array([100 * (floor[k]["test_acc"] - free[k]["test_acc"]) for k in keys])
-        dm = np.mean([floor[k]["relative_macs"] - free[k]["relative_macs"] for k in keys])
-        lines.append(f"| exit-saving floor (`search_space.min_exit_saving`) | aebnas vs aebnas_no_floor | {len(d)} | "
-                     "{:+.2f} [{:+.2f}, {:+.2f}] | ".format(*t_interval(d)) + f"{dm:+.3f} |")
+    on = {(r["seed"], r["target_fraction"]): r for r in records if r["method"] == "aebnas"}
+    for variant, lever in ABLATIONS.items():
+        off = {(r["seed"], r["target_fraction"]): r for r in records if r["method"] == variant}
+        keys = sorted(set(on) & set(off))
+        if keys:
+            d = np.array([100 * (on[k]["test_acc"] - off[k]["test_acc"]) for k in keys])
+            dm = np.mean([on[k]["relative_macs"] - off[k]["relative_macs"] for k in keys])
+            lines.append(f"| {lever} | aebnas vs {variant} | {len(d)} | "
+                         "{:+.2f} [{:+.2f}, {:+.2f}] | ".format(*t_interval(d)) + f"{dm:+.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -270,9 +295,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--runs", type=Path, default=None, help="where the run directories go")
     parser.add_argument("--out", type=Path, default=None, help="results file stem (default results/iso_cost_<tag>)")
+    parser.add_argument("--supernets", type=Path, default=None,
+                        help="an earlier sweep's --runs: search its trained supernets instead of training new ones "
+                             "(every run is then a search; for changes to search, scoring or fine-tuning)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
     args = parser.parse_args()
     args.runs = (args.runs or RESULTS / "runs" / f"iso_cost_{args.tag}").resolve()
+    args.supernets = args.supernets.resolve() if args.supernets else None
     needs = {METHODS[m][1] for m in args.methods} - set(args.methods)
     if needs:
         parser.error(f"--methods {' '.join(args.methods)}: also list {', '.join(sorted(needs))} (whose supernet they search)")

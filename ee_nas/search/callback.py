@@ -31,13 +31,16 @@ class EvolutionaryNASCallback(L.Callback):
     def __init__(self, run_dir: str, hardware, algorithm: str = "nsga2", pop_size: int = 16,
                  n_generations: int = 8, seed: int = 0, crossover_prob: float = 0.9, mutation_prob: float = 0.1,
                  measure: str = "max_softmax", max_candidates: int = 256, calibration_samples: int = 512,
-                 device: str = "cpu", predictor=None, n_per_iteration: int = 8, score_folds: int = 1):
+                 device: str = "cpu", predictor=None, n_per_iteration: int = 8, score_folds: int = 1,
+                 n_largest: int = 0, choose: str = "best_val", choose_tolerance: float = 1.0):
         self.run_dir, self.hardware = Path(run_dir), hardware
         # a Predictor (conf/predictor/): surrogate-assisted search, n_per_iteration true evaluations per generation
         self.predictor = None if predictor in (None, "none") else predictor
         self.n_per_iteration = n_per_iteration
         self.algorithm, self.pop_size, self.n_generations, self.seed = algorithm, pop_size, n_generations, seed
         self.crossover_prob, self.mutation_prob = crossover_prob, mutation_prob
+        self.n_largest = n_largest  # NSGA-II: initial genomes on the largest backbone
+        self.choose, self.choose_tolerance = choose, choose_tolerance  # the rule that picks the network
         self.measure, self.max_candidates, self.score_folds = measure, max_candidates, score_folds
         self.calibration_samples, self.device = calibration_samples, device
         self.result: dict | None = None
@@ -91,9 +94,9 @@ class EvolutionaryNASCallback(L.Callback):
                 front = search(space, score, archive, algorithm=self.algorithm,
                                pop_size=self.pop_size, n_generations=self.n_generations, seed=self.seed,
                                reference_macs=ref, target=target, crossover_prob=self.crossover_prob,
-                               mutation_prob=self.mutation_prob, on_generation=on_generation,
-                               caps=evaluator.caps, evaluate_batch=evaluate_batch)
-        chosen = choose(front)
+                               mutation_prob=self.mutation_prob, n_largest=self.n_largest,
+                               on_generation=on_generation, caps=evaluator.caps, evaluate_batch=evaluate_batch)
+        chosen = choose(archive.evaluated(), self.choose, tolerance=self.choose_tolerance)
         if chosen is None:
             ok = archive.evaluated()
             fit = [r for r in ok if cap_violation(r) == 0]

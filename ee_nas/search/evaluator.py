@@ -103,7 +103,7 @@ class SubnetEvaluator:
             "feasible": p["feasible"] and not violations, "violations": violations,
             "thresholds": p["thresholds"], "exit_rates": p["exit_rates"],
             "cum_macs": costs.cum_macs.tolist(), "params": costs.params, "backbone_macs": costs.backbone_macs,
-            "final_exit_val_acc": float(val.correct[:, -1].mean()),
+            "final_exit_val_acc": float(val.correct[:, -1].mean()), "n_val": len(val.labels),
         }
         if self.latency is not None:
             cum_ms = self.latency.predict(genome)

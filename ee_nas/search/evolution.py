@@ -8,6 +8,7 @@ generation can be logged and checkpointed.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -27,20 +28,33 @@ log = logging.getLogger(__name__)
 
 
 class GenomeSampling(Sampling):
-    def __init__(self, space, caps: Callable | None = None):
+    """The initial population: `n_largest` seeds on the largest backbone with cheap early exits (the most,
+    then one fewer, ...: `SearchSpace.largest_with_cheap_exits`), those within the caps; the rest drawn
+    uniformly, within the caps. Uniform draws almost never hit the largest backbone, the best-trained
+    subnet, and mid-sized ones with exits can rarely beat it (digits: README Results)."""
+
+    def __init__(self, space, caps: Callable | None = None, n_largest: int = 0):
         super().__init__()
-        self.space, self.caps = space, caps
+        self.space, self.caps, self.n_largest = space, caps, n_largest
 
     def _do(self, problem, n_samples, *args, random_state=None, **kwargs):
-        return np.array([self.space.encode(sample_within_caps(self.space, random_state, self.caps))
-                         for _ in range(n_samples)])
+        s = self.space
+        seeds = {g.key(): g for g in (s.largest_with_cheap_exits(max(s.min_exits, s.max_exits - i))
+                                      for i in range(min(self.n_largest, n_samples))) if _fits(g, self.caps)}
+        genomes = list(seeds.values())
+        genomes += [sample_within_caps(s, random_state, self.caps) for _ in range(n_samples - len(genomes))]
+        return np.array([s.encode(g) for g in genomes])
+
+
+def _fits(genome, caps: Callable | None) -> bool:
+    return caps is None or caps(genome).get("cap_violation", 0.0) <= 0
 
 
 def sample_within_caps(space, rng, caps: Callable | None = None, max_tries: int = 50):
     """A random genome that fits the hardware caps (checked with `caps`, cheap); the last try if none fits."""
     for _ in range(max_tries):
         genome = space.sample(rng)
-        if caps is None or caps(genome).get("cap_violation", 0.0) <= 0:
+        if _fits(genome, caps):
             break
     return genome
 
@@ -77,7 +91,7 @@ class GenomeDuplicates(ElementwiseDuplicateElimination):
 
 def search(space, evaluate: Callable, archive: Archive, *, algorithm: str = "nsga2", pop_size: int = 16,
            n_generations: int = 8, seed: int = 0, reference_macs: float, target: float | None,
-           crossover_prob: float = 0.9, mutation_prob: float = 0.1,
+           crossover_prob: float = 0.9, mutation_prob: float = 0.1, n_largest: int = 0,
            on_generation: Callable[[int, dict], None] | None = None,
            caps: Callable | None = None, evaluate_batch: Callable[[list], list[dict]] | None = None) -> list[dict]:
     """Run the search; returns the feasible Pareto front (archive records).
@@ -88,6 +102,7 @@ def search(space, evaluate: Callable, archive: Archive, *, algorithm: str = "nsg
     hardware caps before `evaluate`: random samples are drawn within the caps, an offspring over a
     cap is recorded as ``over_cap`` without being evaluated, and its relative excess is its
     constraint violation (summed with the target's).
+    `n_largest` of NSGA-II's initial genomes are the largest backbone with cheap early exits (GenomeSampling).
     `evaluate_batch(genomes) -> records` scores each generation's new genomes together (default:
     `evaluate_one` in a loop); under DDP the callback passes one that splits them across ranks.
     """
@@ -97,7 +112,7 @@ def search(space, evaluate: Callable, archive: Archive, *, algorithm: str = "nsg
     problem = Problem(n_var=space.n_var, n_obj=2, n_ieq_constr=1, xl=lo, xu=hi, vtype=int)
     rng = np.random.default_rng(seed)
     if algorithm == "nsga2":
-        algo = NSGA2(pop_size=pop_size, sampling=GenomeSampling(space, caps),
+        algo = NSGA2(pop_size=pop_size, sampling=GenomeSampling(space, caps, n_largest),
                      crossover=GenomeCrossover(space, crossover_prob), mutation=GenomeMutation(space, mutation_prob),
                      eliminate_duplicates=GenomeDuplicates())
         algo.setup(problem, termination=("n_gen", n_generations), seed=seed, verbose=False)
@@ -207,8 +222,32 @@ def generation_stats(archive: Archive, gen: int, reference_macs: float, target: 
     }
 
 
-def choose(front: list[dict]) -> dict | None:
-    """Best validation accuracy under the target (the feasible front); ties go to fewer avg MACs.
-    A candidate over a hardware cap is never chosen."""
-    fits = [r for r in front if r.get("status", "ok") == "ok" and not r.get("violations") and cap_violation(r) == 0]
-    return max(fits, key=lambda r: (r["val_acc"], -r.get("avg_cost", r["avg_macs"]))) if fits else None
+CHOOSE_RULES = ("best_val", "within_noise")
+
+
+def choose(records: list[dict], rule: str = "best_val", n_val: int | None = None,
+           tolerance: float = 1.0) -> dict | None:
+    """The network a search hands on, among `records` that meet the target; never one over a hardware cap.
+
+    `best_val`: the best validation accuracy; ties go to fewer avg MACs.
+    `within_noise`: of those within `tolerance` binomial standard errors (over `n_val` val images) of the best
+    val accuracy, the one with the largest own backbone (then the best val accuracy, then fewer avg MACs);
+    `n_val` defaults to the records' own (`SubnetEvaluator.score` writes it).
+    The best of ~100 scores on a few hundred images is mostly luck (the winner's curse); within that noise,
+    a larger backbone is the better bet for an early-exit network: its final exit is better trained and its
+    exits pay for it."""
+    if rule not in CHOOSE_RULES:
+        raise ValueError(f"search.choose={rule!r} is invalid; valid: {', '.join(CHOOSE_RULES)}")
+    fits = [r for r in records if r.get("status", "ok") == "ok" and r.get("feasible", True)
+            and not r.get("violations") and cap_violation(r) == 0]
+    if not fits:
+        return None
+    cost = lambda r: -r.get("avg_cost", r["avg_macs"])  # noqa: E731
+    if rule == "within_noise":
+        n_val = n_val or fits[0].get("n_val")
+        if not n_val:
+            raise ValueError("search.choose=within_noise needs the number of val images (n_val)")
+        best = max(r["val_acc"] for r in fits)
+        band = best - tolerance * math.sqrt(best * (1 - best) / n_val) - 1e-12
+        return max((r for r in fits if r["val_acc"] >= band), key=lambda r: (r["backbone_macs"], r["val_acc"], cost(r)))
+    return max(fits, key=lambda r: (r["val_acc"], cost(r)))

@@ -154,10 +154,15 @@ class SearchSpace:
 
     def default_genome(self) -> Genome:
         """The genome a fixed space stands for; for others the largest backbone with the first taps."""
+        return self.largest_with_cheap_exits(self.max_exits if self.is_fixed else self.min_exits)
+
+    def largest_with_cheap_exits(self, n: int) -> Genome:
+        """The largest backbone with the cheapest branch (fewest layers, cheapest op, narrowest) at its first `n`
+        taps: the best-trained subnet (the sandwich rule trains it at every step), with exits cheap and early
+        enough to pay for it under a tight budget."""
         g = self.largest()
-        keep = g.exits[: self.max_exits] if self.is_fixed else g.exits[: self.min_exits]
         layers = self._fixed_layers(OP_COST_ORDER[::-1], self.widths[0], self.min_layers)
-        return self.repair(Genome(g.depths, g.expands, g.kernels, [ExitBranch(e.tap, layers) for e in keep]))
+        return self.repair(Genome(g.depths, g.expands, g.kernels, [ExitBranch(e.tap, layers) for e in g.exits[:n]]))
 
     # -- variation ---------------------------------------------------------------------------------
     def mutate(self, genome: Genome, rng: np.random.Generator, prob: float = 0.1) -> Genome:

@@ -295,3 +295,47 @@ def test_violation_sums_target_and_cap_excess():
     # a record scored without a caps check but with a broken cap still counts as infeasible
     assert evolution._violation({"status": "ok", "avg_macs": 80.0, "violations": ["params 9 > 8"]}, 100.0, 200.0) > 0
     assert choose([{**ok, "val_acc": 0.9, "violations": ["params 9 > 8"]}, {**ok, "val_acc": 0.5}])["val_acc"] == 0.5
+
+
+
+def test_initial_population_seeds_the_largest_backbone_with_cheap_early_exits(space, capped):
+    largest = space.largest_backbone()
+    on_largest = lambda g: (g.depths, g.expands, g.kernels) == (largest.depths, largest.expands, largest.kernels)  # noqa: E731
+    first = {}
+    for n_largest in (0, 2):
+        ev, archive = SyntheticEvaluator(space), Archive()
+        run(space, ev, archive, n_generations=1, n_largest=n_largest)
+        first[n_largest] = [_genome(r) for r in archive.records.values() if r["generation"] == 0]
+    assert not any(map(on_largest, first[0]))  # uniform draws: never the largest backbone
+    seeded = [g for g in first[2] if on_largest(g)]
+    taps = space.active_taps(largest.depths)
+    # the most exits, then one fewer, each at the earliest taps with the cheapest branch the space allows
+    assert sorted(g.taps for g in seeded) == [tuple(taps[:space.max_exits - 1]), tuple(taps[:space.max_exits])]
+    assert all(layer.op in ("avgpool", "maxpool") or layer.width == min(space.widths)
+               for g in seeded for e in g.exits for layer in e.layers)
+    assert len(first[2]) == len(first[0])  # the budget is unchanged
+    # a seed over a hardware cap is left out: the population stays within the cap
+    cap, params, caps = capped
+    ev, archive = SyntheticEvaluator(space), Archive()
+    run(space, ev, archive, n_generations=1, n_largest=2, caps=caps)
+    assert all(params(_genome(r)) <= cap for r in archive.records.values())
+
+
+def test_choose_within_noise_takes_the_largest_backbone_near_the_best():
+    def rec(acc, backbone, cost=1.0, **kw):
+        return {"status": "ok", "feasible": True, "cap_violation": 0.0, "val_acc": acc, "backbone_macs": backbone,
+                "avg_macs": cost, **kw}
+
+    n = 400  # one standard error at 98%: 0.70 pp
+    records = [rec(0.980, 5.0), rec(0.9735, 9.0), rec(0.972, 20.0), rec(0.99, 30.0, feasible=False),
+               rec(0.975, 40.0, violations=["params 9 > 8"]), rec(0.9735, 9.0, cost=0.5)]
+    assert choose(records)["val_acc"] == 0.980  # best_val
+    picked = choose(records, "within_noise", n_val=n)  # 97.35 is within 0.70 pp of 98.0, 97.2 is not
+    assert picked["backbone_macs"] == 9.0 and picked["avg_macs"] == 0.5  # then fewer avg MACs
+    assert choose(records, "within_noise", n_val=n, tolerance=2.0)["backbone_macs"] == 20.0
+    assert choose(records, "within_noise", n_val=n, tolerance=0.0)["val_acc"] == 0.980
+    assert choose([{**r, "n_val": n} for r in records], "within_noise")["backbone_macs"] == 9.0  # the records' n_val
+    with pytest.raises(ValueError, match="n_val"):
+        choose(records, "within_noise")
+    with pytest.raises(ValueError, match="search.choose='best'"):
+        choose(records, "best")

@@ -73,6 +73,45 @@ def test_tuner_matches_exhaustive_search(k, seed):
         assert again.accuracy == p.accuracy and again.avg_macs == p.avg_macs
 
 
+def costliest_at_best_accuracy(conf, correct, cum_macs, target):
+    """Exhaustively, for two exits: the most avg MACs of any policy with the best accuracy under the target."""
+    n = len(conf)
+    e = np.where(conf[None, :, 0] >= np.append(np.unique(conf[:, 0]), np.inf)[:, None], 0, 1)
+    acc, macs = correct[np.arange(n), e].mean(axis=1), cum_macs[e].mean(axis=1)
+    ok = macs <= target * (1 + 1e-9)
+    return acc[ok].max(), macs[ok & (acc == acc[ok].max())].max()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_spending_ties_keeps_the_best_accuracy_and_spends_the_budget(seed):
+    rng = np.random.default_rng(seed)
+    conf = rng.integers(1, 11, (120, 2)) / 10
+    # the first exit is right from confidence 0.5 on, the final one everywhere but on some of the most
+    # confident: the best policies leave there, and anywhere from 0.5 up accuracy has a plateau (as on a
+    # small val set of an easy dataset)
+    correct = np.stack([conf[:, 0] >= 0.5, (conf[:, 0] < 1) | (rng.random(120) < 0.7)], 1)
+    cum = np.array([1.0, 3.0])
+    spent = []
+    for target in cum[0] + np.array([0.2, 0.5, 0.8]) * (cum[-1] - cum[0]):
+        cheap = tune_thresholds(conf, correct, cum, target)
+        spend = tune_thresholds(conf, correct, cum, target, ties="spend")
+        best_acc, most_macs = costliest_at_best_accuracy(conf, correct, cum, target)
+        assert spend.accuracy == pytest.approx(best_acc) == pytest.approx(cheap.accuracy)
+        assert spend.avg_macs == pytest.approx(most_macs) and spend.feasible
+        spent.append(spend.avg_macs - cheap.avg_macs)
+    assert min(spent) >= 0 and max(spent) > 0.1  # ties were there, and spending took the costlier side
+    for k in (3, 4):  # more exits: the same accuracy, never cheaper
+        conf, correct, cum = synthetic(150, k, seed)
+        target = cum[0] + 0.4 * (cum[-1] - cum[0])
+        cheap, spend = (tune_thresholds(conf, correct, cum, target, ties=t) for t in ("cheap", "spend"))
+        assert spend.accuracy == pytest.approx(cheap.accuracy) and cheap.avg_macs <= spend.avg_macs <= target
+    # no target, no budget to spend: ties go to the cheaper policy either way
+    assert tune_thresholds(conf, correct, cum, None, ties="spend").avg_macs == tune_thresholds(conf, correct, cum,
+                                                                                                None).avg_macs
+    with pytest.raises(ValueError, match="ties='most'"):
+        tune_thresholds(conf, correct, cum, target, ties="most")
+
+
 @pytest.mark.parametrize("lam", [0.0, 0.3, 1.0, 3.0])
 def test_lagrangian_matches_exhaustive_search(lam):
     conf, correct, cum = synthetic(100, 3, 7)
