@@ -234,6 +234,8 @@ def validate(cfg: DictConfig) -> None:
         _check(0 <= search[name] <= hi, f"search.{name}", search[name], f"must be in [0, {hi}]")
     _one_of(cfg.thresholds.measure, "thresholds.measure", MEASURES)
     _one_of(cfg.thresholds.get("ties", "cheap"), "thresholds.ties", TIES)
+    margin = cfg.thresholds.get("cost_margin", 0.0)
+    _check(0 <= margin < 1, "thresholds.cost_margin", margin, "must be in [0, 1)")
     for group, check in [("data", _check_data), ("backbone", _check_backbone), ("search_space", _check_search_space),
                          ("training", _check_training)]:
         check(_resolve(cfg, group))

@@ -173,6 +173,7 @@ class ThresholdsConf:
     sweep_points: int = 20
     score_folds: int = 2
     ties: str = "spend"  # cheap | spend
+    cost_margin: float = 0.05
 
 
 @dataclass

@@ -143,16 +143,14 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
 def evaluate_subnet(run: LoadedRun, genome: Genome, net) -> dict:
     """Thresholds tuned on val under the run's target (in the objective's unit: avg MACs, or avg latency
     from the run's latency table), accuracy, avg MACs and avg cost reported on test."""
-    from ee_nas.thresholds import evaluate_policy, tune_thresholds
+    from ee_nas.pipeline import tune_on_val
+    from ee_nas.thresholds import evaluate_policy
 
     out = run.evaluator.outputs(genome, ("val", "test"), net=net)
     val, test = out["val"], out["test"]
     costs = run.evaluator.costs.costs(genome)
     cum, cum_cost = costs.cum_macs, run.evaluator.cum_cost(genome)  # cum_cost: MACs, or ms
-    mc = run.cfg.thresholds.max_candidates
-    # the budget the search tuned to: the target, tightened by search_space.min_exit_saving (as in the run)
-    policy = tune_thresholds(val.conf, val.correct, cum_cost, run.evaluator.exit_target(genome, run.target),
-                             max_candidates=mc, ties=run.cfg.thresholds.get("ties", "cheap"))
+    policy = tune_on_val(run.cfg, run.evaluator, genome, val, run.target)  # as the run tuned its chosen network
     tested = evaluate_policy(test.conf, test.correct, cum, policy.thresholds).to_dict()
     test_cost = evaluate_policy(test.conf, test.correct, cum_cost, policy.thresholds).avg_macs
     latency = {}

@@ -80,6 +80,33 @@ def test_exit_saving_floor_tightens_the_budget_to_the_own_backbone(evaluator):
         assert saving < 0.4
 
 
+def test_deployed_thresholds_keep_a_cost_margin_for_early_exits_only(evaluator, monkeypatch):
+    """An early-exit network's deployed policy is tuned to (1 - cost_margin) x the target and spends ties up to
+    it; a static network's cost does not vary, so its budget is the target itself."""
+    from omegaconf import OmegaConf
+
+    from ee_nas.pipeline import tune_on_val
+
+    space = evaluator.supernet.space
+    monkeypatch.setattr(space, "min_exit_saving", 0.0)  # the budget is the target alone
+    top = space.largest_backbone()
+    genome = Genome(top.depths, top.expands, top.kernels, [ExitBranch(0, ()), ExitBranch(1, ())])
+    val = evaluator.outputs(genome, ("val",))["val"]
+    target = 0.85 * evaluator.cum_cost(genome)[-1]
+    cfg = lambda **t: OmegaConf.create({"thresholds": {"max_candidates": 64, **t}})  # noqa: E731
+    full = tune_on_val(cfg(ties="spend", cost_margin=0.0), evaluator, genome, val, target)
+    kept = tune_on_val(cfg(ties="spend", cost_margin=0.1), evaluator, genome, val, target)
+    cheap = tune_on_val(cfg(ties="cheap", cost_margin=0.1), evaluator, genome, val, target)
+    assert full.feasible and kept.feasible and full.avg_macs <= target
+    assert kept.avg_macs <= 0.9 * target + 1e-6 < full.avg_macs or full.avg_macs <= 0.9 * target  # the margin
+    assert cheap.avg_macs <= kept.avg_macs
+    assert cheap.accuracy == kept.accuracy
+    static = Genome(top.depths, top.expands, top.kernels)
+    own = evaluator.cum_cost(static)[-1]
+    assert tune_on_val(cfg(cost_margin=0.2), evaluator, static, evaluator.outputs(static, ("val",))["val"],
+                       own).feasible  # exactly at the target: feasible, no margin
+
+
 def test_a_floor_needs_exits(make_backbone, make_space):
     backbone = make_backbone("mobilenetv3_small", in_channels=1, image_size=16)
     from hydra.errors import InstantiationException
