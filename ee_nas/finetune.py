@@ -42,7 +42,8 @@ def finetune_net(net, train_loader, training: dict, epochs: int, lr: float | Non
     """Train an extracted static subnet for `epochs` epochs with the supernet's joint per-exit loss, then
     recalibrate its BatchNorm on `calibration`. `training` is the run's `training` config (plain dict);
     `lr` defaults to a tenth of its optimizer's; `limit_train_batches` caps each epoch as Lightning's
-    Trainer does (None: every batch). Returns the net (trained in place) and the lr used."""
+    Trainer does (None: every batch); channels-last as `training.channels_last`. Returns the net (trained in
+    place, back in the default layout) and the lr used."""
     import torch
 
     from ee_nas.models.bn import recalibrate_bn
@@ -57,14 +58,14 @@ def finetune_net(net, train_loader, training: dict, epochs: int, lr: float | Non
 
         module = FinetuneModule(net, OmegaConf.create(optimizer), training.get("scheduler"),
                                 training["final_weight"], training["early_weight"], training["distill_weight"],
-                                training["distill_temperature"])
+                                training["distill_temperature"], training.get("channels_last", False))
         accelerator = "gpu" if torch.device(device).type == "cuda" else "cpu"
         trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=logger,
                             enable_checkpointing=False, enable_progress_bar=progress_bar,
                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                             log_every_n_steps=10, limit_train_batches=limit_train_batches)
         trainer.fit(module, train_dataloaders=train_loader)
-    net = net.to(device)
+    net = net.to(device, memory_format=torch.contiguous_format)  # the layout export and the runtime expect
     if calibration is not None:
         recalibrate_bn(net, calibration.to(device), eval_batch_size)
     return net.eval(), optimizer["lr"]

@@ -159,9 +159,11 @@ class FinetuneModule(L.LightningModule):
     configure_optimizers = MultiExitModule.configure_optimizers
 
     def __init__(self, net, optimizer, scheduler=None, final_weight: float = 1.0, early_weight: float = 1.0,
-                 distill_weight: float = 0.0, distill_temperature: float = 2.0):
+                 distill_weight: float = 0.0, distill_temperature: float = 2.0, channels_last: bool = False):
         super().__init__()
         self.net, self.optimizer_cfg, self.scheduler_cfg = net, optimizer, scheduler
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format  # as the supernet
+        self.net.to(memory_format=self.memory_format)
         self.final_weight, self.early_weight = final_weight, early_weight
         self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
 
@@ -176,7 +178,7 @@ class FinetuneModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        logits = self.net(x)
+        logits = self.net(x.contiguous(memory_format=self.memory_format))
         loss = self.exit_loss(logits, y, logits[-1].detach())
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"fine-tuning loss became {loss.item()} at step {self.global_step}; "
