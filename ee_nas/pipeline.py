@@ -51,12 +51,18 @@ def make_callbacks(cfg: DictConfig, run_dir: Path, hardware) -> tuple[list, obje
 def tune_on_val(cfg: DictConfig, evaluator, genome: Genome, val, target):
     """The deployed exit policy of `genome`: tuned on its val outputs under the target (and the exit-saving
     floor) less `thresholds.cost_margin` when it has early exits (their avg cost on new images varies around
-    val's; a static network's does not), ties in val accuracy broken by `thresholds.ties`."""
+    val's; a static network's does not), or under the whole budget where the margin leaves no policy at all;
+    ties in val accuracy broken by `thresholds.ties`."""
     budget = evaluator.exit_target(genome, target)
-    if budget is not None and genome.n_exits > 1:
-        budget *= 1.0 - cfg.thresholds.get("cost_margin", 0.0)
-    return tune_thresholds(val.conf, val.correct, evaluator.cum_cost(genome), budget,
-                           max_candidates=cfg.thresholds.max_candidates, ties=cfg.thresholds.get("ties", "cheap"))
+    tune = lambda b, warn=True: tune_thresholds(  # noqa: E731
+        val.conf, val.correct, evaluator.cum_cost(genome), b, max_candidates=cfg.thresholds.max_candidates,
+        ties=cfg.thresholds.get("ties", "cheap"), warn=warn)
+    margin = cfg.thresholds.get("cost_margin", 0.0)
+    if budget is not None and genome.n_exits > 1 and margin > 0:
+        policy = tune(budget * (1.0 - margin), warn=False)
+        if policy.feasible:
+            return policy
+    return tune(budget)
 
 
 def finetune_chosen(cfg: DictConfig, net, genome: Genome, evaluator, datamodule, target) -> dict:

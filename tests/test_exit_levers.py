@@ -100,6 +100,9 @@ def test_deployed_thresholds_keep_a_cost_margin_for_early_exits_only(evaluator, 
     assert full.feasible and kept.feasible and full.avg_macs <= target
     assert kept.avg_macs <= 0.9 * target + 1e-6 < full.avg_macs or full.avg_macs <= 0.9 * target  # the margin
     assert cheap.avg_macs <= kept.avg_macs
+    # a margin that leaves no policy (not even everyone at the first exit) gives way to the whole target
+    wide = tune_on_val(cfg(ties="spend", cost_margin=0.9), evaluator, genome, val, target)
+    assert wide.feasible and wide.avg_macs <= target and wide.accuracy == full.accuracy
     assert cheap.accuracy == kept.accuracy
     static = Genome(top.depths, top.expands, top.kernels)
     own = evaluator.cum_cost(static)[-1]
