@@ -53,10 +53,11 @@ def tune_on_val(cfg: DictConfig, evaluator, genome: Genome, val, target):
     floor) less `thresholds.cost_margin` when it has early exits (their avg cost on new images varies around
     val's; a static network's does not), or under the whole budget where the margin leaves no policy at all;
     ties in val accuracy broken by `thresholds.ties`."""
+    def tune(budget, warn=True):
+        return tune_thresholds(val.conf, val.correct, evaluator.cum_cost(genome), budget, warn=warn,
+                               max_candidates=cfg.thresholds.max_candidates, ties=cfg.thresholds.get("ties", "cheap"))
+
     budget = evaluator.exit_target(genome, target)
-    tune = lambda b, warn=True: tune_thresholds(  # noqa: E731
-        val.conf, val.correct, evaluator.cum_cost(genome), b, max_candidates=cfg.thresholds.max_candidates,
-        ties=cfg.thresholds.get("ties", "cheap"), warn=warn)
     margin = cfg.thresholds.get("cost_margin", 0.0)
     if budget is not None and genome.n_exits > 1 and margin > 0:
         policy = tune(budget * (1.0 - margin), warn=False)

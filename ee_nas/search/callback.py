@@ -96,9 +96,9 @@ class EvolutionaryNASCallback(L.Callback):
                                reference_macs=ref, target=target, crossover_prob=self.crossover_prob,
                                mutation_prob=self.mutation_prob, n_largest=self.n_largest,
                                on_generation=on_generation, caps=evaluator.caps, evaluate_batch=evaluate_batch)
-        chosen = choose(archive.evaluated(), self.choose, tolerance=self.choose_tolerance)
+        ok = archive.evaluated()
+        chosen = choose(ok, self.choose, tolerance=self.choose_tolerance)
         if chosen is None:
-            ok = archive.evaluated()
             fit = [r for r in ok if cap_violation(r) == 0]
             scored = [r for r in archive.records.values() if r["status"] != "failed"]  # ok or over_cap
             if not fit and scored:
