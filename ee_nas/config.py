@@ -204,6 +204,9 @@ def _check_training(tr: dict) -> None:
 
 def _check_top(cfg: DictConfig, t: dict, device: str) -> None:
     _check(type(cfg.seed) is int and 0 <= cfg.seed < 2**32, "seed", cfg.seed, "must be an integer in [0, 2**32 - 1]")
+    frac = cfg.finetune.get("lr_fraction")
+    _check(isinstance(frac, (int, float)) and frac > 0, "finetune.lr_fraction", frac,
+           "must be > 0 (the fine-tuning lr as a fraction of training.optimizer.lr)")
     _check(not cfg.arch or Path(cfg.arch).is_file(), "arch", cfg.arch, "must be the path of an existing arch.yaml")
     _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is not None, "evaluation.device", device,
            "valid: auto, cpu, cuda, cuda:N")

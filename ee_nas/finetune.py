@@ -29,6 +29,7 @@ from ee_nas.cli import arg, parse
 from ee_nas.select import evaluate_subnet, load_run, target_keys
 
 log = logging.getLogger(__name__)
+LR_FRACTION = 0.3  # conf/config.yaml's finetune.lr_fraction, for runs made before it existed
 
 REPORT_KEYS = ("test_acc", "avg_macs", "relative_macs", "val_acc", "val_avg_macs", "final_exit_test_acc",
                "meets_target", "exit_rates", "thresholds", "avg_cost", "val_avg_cost",
@@ -36,20 +37,20 @@ REPORT_KEYS = ("test_acc", "avg_macs", "relative_macs", "val_acc", "val_avg_macs
 
 
 def finetune_net(net, train_loader, training: dict, epochs: int, lr: float | None = None,
-                 device: torch.device | str = "cpu", calibration: torch.Tensor | None = None,
-                 eval_batch_size: int = 512, progress_bar: bool = False, logger=False,
-                 limit_train_batches: int | float | None = None):
+                 lr_fraction: float = LR_FRACTION, device: torch.device | str = "cpu",
+                 calibration: torch.Tensor | None = None, eval_batch_size: int = 512, progress_bar: bool = False,
+                 logger=False, limit_train_batches: int | float | None = None):
     """Train an extracted static subnet for `epochs` epochs with the supernet's joint per-exit loss, then
     recalibrate its BatchNorm on `calibration`. `training` is the run's `training` config (plain dict);
-    `lr` defaults to a tenth of its optimizer's; `limit_train_batches` caps each epoch as Lightning's
-    Trainer does (None: every batch); channels-last as `training.channels_last`. Returns the net (trained in
-    place, back in the default layout) and the lr used."""
+    `lr` defaults to `lr_fraction` of its optimizer's (`finetune.lr_fraction`); `limit_train_batches` caps
+    each epoch as Lightning's Trainer does (None: every batch); channels-last as `training.channels_last`.
+    Returns the net (trained in place, back in the default layout) and the lr used."""
     import torch
 
     from ee_nas.models.bn import recalibrate_bn
 
     optimizer = dict(training["optimizer"])
-    optimizer["lr"] = float(lr) if lr is not None else 0.1 * float(optimizer.get("lr", 0.05))
+    optimizer["lr"] = float(lr) if lr is not None else lr_fraction * float(optimizer.get("lr", 0.05))
     if epochs > 0:
         import lightning as L
         from omegaconf import OmegaConf
@@ -101,7 +102,8 @@ def finetune(run_dir: str | Path, arch: str | Path | None = None, epochs: int = 
     net = run.evaluator.subnet(genome)  # inherited weights, recalibrated BatchNorm
     before = evaluate_subnet(run, genome, net)
     training = OmegaConf.to_container(run.cfg.training, resolve=True)
-    net, lr = finetune_net(net, run.datamodule.train_dataloader(), training, epochs, lr, run.evaluator.device,
+    net, lr = finetune_net(net, run.datamodule.train_dataloader(), training, epochs, lr,
+                           run.cfg.get("finetune", {}).get("lr_fraction", LR_FRACTION), run.evaluator.device,
                            run.evaluator.calibration, run.datamodule.eval_batch_size, logger=CSVLogger(out, name="csv"))
     after = evaluate_subnet(run, genome, net)
     genome.save(out / "arch.yaml")
@@ -133,7 +135,7 @@ class FinetuneArgs:
     arch: Optional[str] = arg(None, "arch.yaml or a directory holding one, e.g. selected/1_trade_off "
                                     "(default: run_dir/arch.yaml)")
     epochs: int = arg(5, "fine-tuning epochs")
-    lr: Optional[float] = arg(None, "learning rate (default: a tenth of training.optimizer.lr)")
+    lr: Optional[float] = arg(None, "learning rate (default: the run's finetune.lr_fraction x training.optimizer.lr)")
     out: Optional[str] = arg(None, "output directory (default: finetuned/ next to the arch.yaml)")
     device: Optional[str] = arg(None, "cpu | cuda (default: the run's evaluation.device)")
     seed: Optional[int] = arg(None, "seed (default: the run's seed)")

@@ -38,7 +38,10 @@ METHODS = {  # name -> (overrides, the method whose supernet it searches)
                                         "thresholds.ties=cheap"], "aebnas"),
     "aebnas_within_noise_no_largest": (["search_space=aebnas", "search=nsga2", "search.choose=within_noise",
                                         "search.n_largest=0"], "aebnas"),
+    "aebnas_finetune_lr_0.1": (["search_space=aebnas", "search=nsga2", "finetune.lr_fraction=0.1"], "aebnas"),
     "static_nas": (["search_space=static_nas", "search=nsga2"], "static_nas"),
+    "static_nas_finetune_lr_0.1": (["search_space=static_nas", "search=nsga2", "finetune.lr_fraction=0.1"],
+                                   "static_nas"),
     # the baseline with aebnas' other choice rule: checks that it got the stronger of the two
     "static_nas_within_noise": (["search_space=static_nas", "search=nsga2", "search.choose=within_noise"],
                                 "static_nas"),
@@ -57,6 +60,8 @@ ABLATIONS = [  # (with the lever, without it, the lever): paired by seed and tar
      "spending ties under the target (`thresholds.ties=spend`), with choose=within_noise"),
     ("aebnas_within_noise", "aebnas_within_noise_no_largest",
      "largest backbone seeded in the initial population (`search.n_largest=2`), with choose=within_noise"),
+    ("aebnas", "aebnas_finetune_lr_0.1", "fine-tuning lr 0.3 x the supernet's, not 0.1 (`finetune.lr_fraction`)"),
+    ("static_nas", "static_nas_finetune_lr_0.1", "fine-tuning lr 0.3 x the supernet's, not 0.1 (`finetune.lr_fraction`)"),
 ]
 RESULTS = Path(__file__).resolve().parent / "results"
 

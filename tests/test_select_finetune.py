@@ -151,8 +151,9 @@ def test_finetune_net_trains_limit_train_batches_an_epoch(limit, steps):
     loader = DataLoader(TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))), batch_size=4)
     training = {"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}, "final_weight": 1.0,
                 "early_weight": 1.0, "distill_weight": 0.0, "distill_temperature": 2.0}
-    finetune_net(net, loader, training, epochs=1, limit_train_batches=limit)
+    _, lr = finetune_net(net, loader, training, epochs=1, lr_fraction=0.25, limit_train_batches=limit)
     assert net.steps == steps
+    assert lr == pytest.approx(0.025)  # finetune.lr_fraction of the supernet's lr
 
 
 # -- a latency-objective run: select and fine-tune tune thresholds against the target in ms ------------
