@@ -60,8 +60,8 @@ ABLATIONS = [  # (with the lever, without it, the lever): paired by seed and tar
      "spending ties under the target (`thresholds.ties=spend`), with choose=within_noise"),
     ("aebnas_within_noise", "aebnas_within_noise_no_largest",
      "largest backbone seeded in the initial population (`search.n_largest=2`), with choose=within_noise"),
-    ("aebnas", "aebnas_finetune_lr_0.1", "fine-tuning lr 0.3 x the supernet's, not 0.1 (`finetune.lr_fraction`)"),
-    ("static_nas", "static_nas_finetune_lr_0.1", "fine-tuning lr 0.3 x the supernet's, not 0.1 (`finetune.lr_fraction`)"),
+    *[(m, f"{m}_finetune_lr_0.1", "fine-tuning lr 0.3 x the supernet's, not 0.1 (`finetune.lr_fraction`)")
+      for m in ("aebnas", "static_nas")],
 ]
 RESULTS = Path(__file__).resolve().parent / "results"
 
