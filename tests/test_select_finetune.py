@@ -156,6 +156,17 @@ def test_finetune_net_trains_limit_train_batches_an_epoch(limit, steps):
     assert lr == pytest.approx(0.025)  # finetune.lr_fraction of the supernet's lr
 
 
+def test_finetune_fallback_lr_fraction_is_the_configs():
+    """`python -m ee_nas.finetune` on a run made before finetune.lr_fraction existed uses the config's default."""
+    from omegaconf import OmegaConf
+
+    import ee_nas
+    from ee_nas.finetune import LR_FRACTION
+
+    config = OmegaConf.load(Path(ee_nas.__file__).parent / "conf" / "config.yaml")
+    assert config.finetune.lr_fraction == LR_FRACTION
+
+
 # -- a latency-objective run: select and fine-tune tune thresholds against the target in ms ------------
 
 @pytest.fixture(scope="module")
