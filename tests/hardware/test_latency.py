@@ -168,3 +168,16 @@ def test_peak_memory_grows_with_the_subnet(supernet):
     big, small = table.peak_memory_bytes(supernet.space.largest()), table.peak_memory_bytes(supernet.space.smallest())
     image = 1 * 16 * 16 * 4
     assert big >= small > image
+
+
+def test_static_space_measures_without_branches(make_backbone, make_space):
+    """static_nas builds no exit branches: measuring its table must not ask for them (it did: KeyError)."""
+    backbone = make_backbone("mobilenetv3_small", image_size=16, in_channels=1, expand_choices=[2, 4],
+                             kernel_choices=[3])
+    static = MultiExitSupernet(backbone, make_space(backbone, "static_nas")).eval()
+    table = MacsTable(static, calibration_subnets=1, calibration_rounds=1)
+    table.measure_all(save=False, calibrate=False)
+    costs = CostModel(static)
+    for g in genomes(static, n=4):
+        assert g.n_exits == 1
+        np.testing.assert_allclose(table.predict(g), costs.costs(g).cum_macs)
