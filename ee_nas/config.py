@@ -207,6 +207,9 @@ def _check_top(cfg: DictConfig, t: dict, device: str) -> None:
     frac = cfg.finetune.get("lr_fraction")
     _check(isinstance(frac, (int, float)) and frac > 0, "finetune.lr_fraction", frac,
            "must be > 0 (the fine-tuning lr as a fraction of training.optimizer.lr)")
+    early = cfg.finetune.get("early_weight")
+    _check(early is None or isinstance(early, (int, float)) and early >= 0, "finetune.early_weight", early,
+           "must be null (training.early_weight) or >= 0")
     _check(not cfg.arch or Path(cfg.arch).is_file(), "arch", cfg.arch, "must be the path of an existing arch.yaml")
     _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is not None, "evaluation.device", device,
            "valid: auto, cpu, cuda, cuda:N")

@@ -30,6 +30,7 @@ from ee_nas.select import evaluate_subnet, load_run, target_keys
 
 log = logging.getLogger(__name__)
 LR_FRACTION = 0.3  # conf/config.yaml's finetune.lr_fraction, for runs made before it existed
+EARLY_WEIGHT = 2.0  # conf/config.yaml's finetune.early_weight, likewise
 
 REPORT_KEYS = ("test_acc", "avg_macs", "relative_macs", "val_acc", "val_avg_macs", "final_exit_test_acc",
                "meets_target", "exit_rates", "thresholds", "avg_cost", "val_avg_cost",
@@ -37,12 +38,14 @@ REPORT_KEYS = ("test_acc", "avg_macs", "relative_macs", "val_acc", "val_avg_macs
 
 
 def finetune_net(net, train_loader, training: dict, epochs: int, lr: float | None = None,
-                 lr_fraction: float = LR_FRACTION, device: torch.device | str = "cpu",
+                 lr_fraction: float = LR_FRACTION, early_weight: float | None = None,
+                 device: torch.device | str = "cpu",
                  calibration: torch.Tensor | None = None, eval_batch_size: int = 512, progress_bar: bool = False,
                  logger=False, limit_train_batches: int | float | None = None):
     """Train an extracted static subnet for `epochs` epochs with the supernet's joint per-exit loss, then
     recalibrate its BatchNorm on `calibration`. `training` is the run's `training` config (plain dict);
-    `lr` defaults to `lr_fraction` of its optimizer's (`finetune.lr_fraction`); `limit_train_batches` caps
+    `lr` defaults to `lr_fraction` of its optimizer's (`finetune.lr_fraction`), `early_weight` (the mean
+    early-exit loss's, `finetune.early_weight`) to its `early_weight`; `limit_train_batches` caps
     each epoch as Lightning's Trainer does (None: every batch); channels-last as `training.channels_last`.
     Returns the net (trained in place, back in the default layout) and the lr used."""
     import torch
@@ -58,7 +61,9 @@ def finetune_net(net, train_loader, training: dict, epochs: int, lr: float | Non
         from ee_nas.lit_module import FinetuneModule
 
         module = FinetuneModule(net, OmegaConf.create(optimizer), training.get("scheduler"),
-                                training["final_weight"], training["early_weight"], training["distill_weight"],
+                                training["final_weight"],
+                                training["early_weight"] if early_weight is None else float(early_weight),
+                                training["distill_weight"],
                                 training["distill_temperature"], training.get("channels_last", False))
         accelerator = "gpu" if torch.device(device).type == "cuda" else "cpu"
         trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=logger,
@@ -102,8 +107,10 @@ def finetune(run_dir: str | Path, arch: str | Path | None = None, epochs: int = 
     net = run.evaluator.subnet(genome)  # inherited weights, recalibrated BatchNorm
     before = evaluate_subnet(run, genome, net)
     training = OmegaConf.to_container(run.cfg.training, resolve=True)
+    options = run.cfg.get("finetune", {})
     net, lr = finetune_net(net, run.datamodule.train_dataloader(), training, epochs, lr,
-                           run.cfg.get("finetune", {}).get("lr_fraction", LR_FRACTION), run.evaluator.device,
+                           options.get("lr_fraction", LR_FRACTION), options.get("early_weight", EARLY_WEIGHT),
+                           run.evaluator.device,
                            run.evaluator.calibration, run.datamodule.eval_batch_size, logger=CSVLogger(out, name="csv"))
     after = evaluate_subnet(run, genome, net)
     genome.save(out / "arch.yaml")

@@ -83,8 +83,9 @@ def finetune_chosen(cfg: DictConfig, net, genome: Genome, evaluator, datamodule,
     log.info("fine-tuning the chosen network for %d epochs (test acc before: %.4f)", epochs, before.accuracy)
     torch.manual_seed(cfg.seed)
     finetune_net(net, datamodule.train_dataloader(), OmegaConf.to_container(cfg.training, resolve=True), epochs,
-                 cfg.finetune.get("lr"), cfg.finetune.lr_fraction, evaluator.device, evaluator.calibration,
-                 datamodule.eval_batch_size, progress_bar=bool(cfg.trainer.get("enable_progress_bar", False)),
+                 cfg.finetune.get("lr"), cfg.finetune.lr_fraction, cfg.finetune.early_weight, evaluator.device,
+                 evaluator.calibration, datamodule.eval_batch_size,
+                 progress_bar=bool(cfg.trainer.get("enable_progress_bar", False)),
                  limit_train_batches=cfg.finetune.get("limit_train_batches"))
     return {"finetune_epochs": epochs, "pre_finetune_test_acc": float(before.accuracy),
             "pre_finetune_val_acc": float(policy.accuracy)}

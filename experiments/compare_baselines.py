@@ -39,6 +39,7 @@ METHODS = {  # name -> (overrides, the method whose supernet it searches)
     "aebnas_within_noise_no_largest": (["search_space=aebnas", "search=nsga2", "search.choose=within_noise",
                                         "search.n_largest=0"], "aebnas"),
     "aebnas_finetune_lr_0.1": (["search_space=aebnas", "search=nsga2", "finetune.lr_fraction=0.1"], "aebnas"),
+    "aebnas_finetune_early_1": (["search_space=aebnas", "search=nsga2", "finetune.early_weight=1.0"], "aebnas"),
     "static_nas": (["search_space=static_nas", "search=nsga2"], "static_nas"),
     "static_nas_finetune_lr_0.1": (["search_space=static_nas", "search=nsga2", "finetune.lr_fraction=0.1"],
                                    "static_nas"),
@@ -62,6 +63,7 @@ ABLATIONS = [  # (with the lever, without it, the lever): paired by seed and tar
      "largest backbone seeded in the initial population (`search.n_largest=2`), with choose=within_noise"),
     *[(m, f"{m}_finetune_lr_0.1", "fine-tuning lr 0.3 x the supernet's, not 0.1 (`finetune.lr_fraction`)")
       for m in ("aebnas", "static_nas")],
+    ("aebnas", "aebnas_finetune_early_1", "fine-tuning early-exit loss weight 2, not 1 (`finetune.early_weight`)"),
 ]
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -156,15 +156,36 @@ def test_finetune_net_trains_limit_train_batches_an_epoch(limit, steps):
     assert lr == pytest.approx(0.025)  # finetune.lr_fraction of the supernet's lr
 
 
-def test_finetune_fallback_lr_fraction_is_the_configs():
-    """`python -m ee_nas.finetune` on a run made before finetune.lr_fraction existed uses the config's default."""
+@pytest.mark.parametrize("early_weight", [0.0, None])
+def test_finetune_net_weights_the_early_exits_by_early_weight(early_weight):
+    """finetune.early_weight replaces training.early_weight while fine-tuning: at 0 the early exit gets no
+    gradient (its weights stay put while the final exit's move); null keeps training.early_weight (1.0)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ee_nas.finetune import finetune_net
+
+    net = torch.nn.ModuleList([torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)])
+    net.forward = lambda x: [layer(x) for layer in net]
+    early, final = (layer.weight.detach().clone() for layer in net)
+    loader = DataLoader(TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))), batch_size=4)
+    training = {"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}, "final_weight": 1.0,
+                "early_weight": 1.0, "distill_weight": 0.0, "distill_temperature": 2.0}
+    finetune_net(net, loader, training, epochs=1, early_weight=early_weight)
+    assert not torch.equal(net[1].weight, final)
+    assert torch.equal(net[0].weight, early) == (early_weight == 0.0)
+
+
+def test_finetune_fallbacks_are_the_configs():
+    """`python -m ee_nas.finetune` on a run made before finetune.lr_fraction / early_weight existed uses the
+    config's defaults."""
     from omegaconf import OmegaConf
 
     import ee_nas
-    from ee_nas.finetune import LR_FRACTION
+    from ee_nas.finetune import EARLY_WEIGHT, LR_FRACTION
 
     config = OmegaConf.load(Path(ee_nas.__file__).parent / "conf" / "config.yaml")
     assert config.finetune.lr_fraction == LR_FRACTION
+    assert config.finetune.early_weight == EARLY_WEIGHT
 
 
 # -- a latency-objective run: select and fine-tune tune thresholds against the target in ms ------------
