@@ -9,7 +9,7 @@ BatchNorm, scored (thresholds tuned on val under the run's hardware target,
 reported on test), trained as a standalone `MultiExitNet` for `epochs` epochs
 with the supernet's joint per-exit loss (`MultiExitModule.exit_loss`: the final
 exit weighted `training.final_weight`, the mean early-exit loss
-`training.early_weight`, self-distillation from its own final exit), its
+`finetune.early_weight`, self-distillation from its own final exit), its
 BatchNorm recalibrated again, its thresholds re-tuned on val and scored on
 test. Writes `finetune_summary.json` (before/after), `subnet.pt` (the
 `ee_nas.run` format) and `arch.yaml` into `out=` (default: `finetuned/` next to
