@@ -110,8 +110,8 @@ def finetune(run_dir: str | Path, arch: str | Path | None = None, epochs: int = 
     options = run.cfg.get("finetune", {})
     net, lr = finetune_net(net, run.datamodule.train_dataloader(), training, epochs, lr,
                            options.get("lr_fraction", LR_FRACTION), options.get("early_weight", EARLY_WEIGHT),
-                           run.evaluator.device,
-                           run.evaluator.calibration, run.datamodule.eval_batch_size, logger=CSVLogger(out, name="csv"))
+                           run.evaluator.device, run.evaluator.calibration, run.datamodule.eval_batch_size,
+                           logger=CSVLogger(out, name="csv"))
     after = evaluate_subnet(run, genome, net)
     genome.save(out / "arch.yaml")
     save_subnet(out / "subnet.pt", genome, net, after.pop("_thresholds"), run.cfg.thresholds.measure)

@@ -131,27 +131,35 @@ def test_finetune_starts_at_inherited_accuracy_and_does_not_lower_it(trained_run
     assert saved["genome"] == summary["genome"]
 
 
-@pytest.mark.parametrize("limit, steps", [(None, 5), (2, 2)])
-def test_finetune_net_trains_limit_train_batches_an_epoch(limit, steps):
-    """finetune.limit_train_batches (debug=smoke sets it) caps each fine-tuning epoch; None trains on all."""
+class TwoExits(torch.nn.Module):
+    """The smallest multi-exit net: an early exit `a` and a final exit `b`; counts training forwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.steps = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), 0
+
+    def forward(self, x):
+        self.steps += self.training
+        return [self.a(x), self.b(x)]
+
+
+def finetune_two_exits(**kwargs) -> tuple[TwoExits, float]:
+    """`finetune_net` for one epoch of 5 batches on random data, with a supernet lr of 0.1; returns (net, lr)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from ee_nas.finetune import finetune_net
-
-    class TwoExits(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.steps = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), 0
-
-        def forward(self, x):
-            self.steps += self.training
-            return [self.a(x), self.b(x)]
 
     net = TwoExits()
     loader = DataLoader(TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))), batch_size=4)
     training = {"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}, "final_weight": 1.0,
                 "early_weight": 1.0, "distill_weight": 0.0, "distill_temperature": 2.0}
-    _, lr = finetune_net(net, loader, training, epochs=1, lr_fraction=0.25, limit_train_batches=limit)
+    return finetune_net(net, loader, training, epochs=1, **kwargs)
+
+
+@pytest.mark.parametrize("limit, steps", [(None, 5), (2, 2)])
+def test_finetune_net_trains_limit_train_batches_an_epoch(limit, steps):
+    """finetune.limit_train_batches (debug=smoke sets it) caps each fine-tuning epoch; None trains on all."""
+    net, lr = finetune_two_exits(lr_fraction=0.25, limit_train_batches=limit)
     assert net.steps == steps
     assert lr == pytest.approx(0.025)  # finetune.lr_fraction of the supernet's lr
 
@@ -160,19 +168,12 @@ def test_finetune_net_trains_limit_train_batches_an_epoch(limit, steps):
 def test_finetune_net_weights_the_early_exits_by_early_weight(early_weight):
     """finetune.early_weight replaces training.early_weight while fine-tuning: at 0 the early exit gets no
     gradient (its weights stay put while the final exit's move); null keeps training.early_weight (1.0)."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from ee_nas.finetune import finetune_net
-
-    net = torch.nn.ModuleList([torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)])
-    net.forward = lambda x: [layer(x) for layer in net]
-    early, final = (layer.weight.detach().clone() for layer in net)
-    loader = DataLoader(TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))), batch_size=4)
-    training = {"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}, "final_weight": 1.0,
-                "early_weight": 1.0, "distill_weight": 0.0, "distill_temperature": 2.0}
-    finetune_net(net, loader, training, epochs=1, early_weight=early_weight)
-    assert not torch.equal(net[1].weight, final)
-    assert torch.equal(net[0].weight, early) == (early_weight == 0.0)
+    torch.manual_seed(0)
+    early, final = (layer.weight.detach().clone() for layer in TwoExits().children())
+    torch.manual_seed(0)
+    net, _ = finetune_two_exits(early_weight=early_weight)
+    assert not torch.equal(net.b.weight, final)
+    assert torch.equal(net.a.weight, early) == (early_weight == 0.0)
 
 
 def test_finetune_fallbacks_are_the_configs():

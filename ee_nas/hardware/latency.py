@@ -461,7 +461,7 @@ class LatencyTable:
                 for k in space.kernel_choices:
                     self.block_ms(b, float(e), int(k))
         designs = self._layer_designs()
-        for tap in space.candidate_taps if space.max_exits else []:  # a static space has no branches
+        for tap in map(int, self.supernet.branches):  # the taps the supernet built branches for (a static space: none)
             states = {self._tap_shape[tap]}
             for slot in range(space.max_layers + 1):
                 if slot >= space.min_layers:
