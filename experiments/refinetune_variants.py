@@ -1,0 +1,187 @@
+"""Fine-tuning levers tried on the iso-cost sweep's chosen networks, without searching again.
+
+    python experiments/refinetune_variants.py --runs /tmp/iso/runs --jobs 2 --out experiments/results/refinetune_digits
+
+Searches do not depend on fine-tuning, so each (method, target, seed) run directory of a
+`compare_baselines.py --runs DIR` sweep is re-fine-tuned from its supernet under each variant, its
+thresholds re-tuned on val and scored on test, as `ee_nas.run` does:
+
+- `recipe`: the run's own fine-tuning (a check: it must reproduce the run's recorded test accuracy);
+- `swa_half`, `swa_all`: the mean of the recipe's epoch-end weights over its last half / all epochs
+  (stochastic weight averaging), BatchNorm recalibrated;
+- `wise0.5`, `wise0.75`: the recipe's final weights interpolated with the inherited ones (WiSE-FT);
+- `teacher`: self-distillation from the supernet's largest backbone (recalibrated, frozen) instead of
+  the network's own final exit, at `training.distill_weight`.
+
+Writes `<out>.json` (one record per run and variant) and `<out>.md`: per variant, each method's mean
+test accuracy and its change against the recorded runs, the paired aebnas − static_nas difference
+(both with the variant) and aebnas's recipe against static_nas with the variant (a stronger
+baseline), each with a 95% t-interval. Probing code: it swaps the fine-tuning module for one that keeps snapshots or a
+teacher, and is not part of the pipeline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+AVERAGES = ("swa_half", "swa_all", "wise0.5", "wise0.75")
+VARIANTS = ("recipe", *AVERAGES, "teacher")
+
+
+def _average(states: list[dict]) -> dict:
+    return {k: sum(s[k] for s in states) / len(states) if states[0][k].is_floating_point() else states[-1][k]
+            for k in states[0]}
+
+
+def _finetune(run, genome, teacher=None) -> tuple:
+    """The run's fine-tuning of `genome` (optionally distilled from `teacher`); the net and its epoch-end weights."""
+    import torch
+    from omegaconf import OmegaConf
+
+    import ee_nas.lit_module as lit
+    from ee_nas.finetune import EARLY_WEIGHT, LR_FRACTION, finetune_net
+
+    snapshots = []
+
+    class Probe(lit.FinetuneModule):
+        def on_train_epoch_end(self):
+            snapshots.append({k: v.detach().clone() for k, v in self.net.state_dict().items()})
+
+        def training_step(self, batch, batch_idx):
+            if teacher is None:
+                return super().training_step(batch, batch_idx)
+            x, y = batch
+            logits = self.net(x.contiguous(memory_format=self.memory_format))
+            with torch.no_grad():
+                target = teacher(x.contiguous())[-1]
+            return self.exit_loss(logits, y, target)
+
+    cfg, original = run.cfg, lit.FinetuneModule
+    net = run.evaluator.subnet(genome)
+    pre = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    lit.FinetuneModule = Probe
+    try:
+        torch.manual_seed(cfg.seed)
+        finetune_net(net, run.datamodule.train_dataloader(), OmegaConf.to_container(cfg.training, resolve=True),
+                     cfg.finetune.epochs, cfg.finetune.get("lr"), cfg.finetune.get("lr_fraction", LR_FRACTION),
+                     cfg.finetune.get("early_weight", EARLY_WEIGHT), "cpu", run.evaluator.calibration,
+                     run.datamodule.eval_batch_size)
+    finally:
+        lit.FinetuneModule = original
+    return net, pre, snapshots
+
+
+def _score(run, genome, net) -> dict:
+    from ee_nas.pipeline import tune_on_val
+    from ee_nas.thresholds import evaluate_policy
+
+    out = run.evaluator.outputs(genome, ("val", "test"), net=net)
+    policy = tune_on_val(run.cfg, run.evaluator, genome, out["val"], run.target)
+    test = evaluate_policy(out["test"].conf, out["test"].correct, run.evaluator.costs.costs(genome).cum_macs,
+                           policy.thresholds)
+    return {"test_acc": test.accuracy, "val_acc": float(policy.accuracy),
+            "relative_macs": test.avg_macs / run.reference_macs}
+
+
+def probe(run_dir: str) -> list[dict]:
+    import torch
+
+    from ee_nas.genome import Genome
+    from ee_nas.models.bn import recalibrate_bn
+    from ee_nas.select import load_run
+
+    torch.set_num_threads(int(os.environ.get("PROBE_THREADS", "1")))
+    started = time.perf_counter()
+    method, target, seed = re.search(r"(\w+)/t([\d.]+)/seed(\d+)$", run_dir.rstrip("/")).groups()
+    run = load_run(run_dir, "cpu")
+    genome = run.supernet.space.validate(Genome.load(Path(run_dir) / "arch.yaml"))
+    recorded = json.loads((Path(run_dir) / "summary.json").read_text())["test_acc"]
+    base = {"method": method, "target_fraction": float(target), "seed": int(seed), "run_dir": run_dir,
+            "recorded_test_acc": recorded}
+    net, pre, snaps = _finetune(run, genome)
+    records = [{**base, "variant": "recipe", **_score(run, genome, net)}]
+    half = len(snaps) // 2
+    states = {"swa_half": _average(snaps[half:]), "swa_all": _average(snaps), "wise0.5": _average([pre, snaps[-1]]),
+              "wise0.75": _average([pre] + [snaps[-1]] * 3)}
+    for name in AVERAGES:
+        net.load_state_dict(states[name])
+        recalibrate_bn(net, run.evaluator.calibration, run.datamodule.eval_batch_size)
+        records.append({**base, "variant": name, **_score(run, genome, net)})
+    teacher = run.evaluator.subnet(run.supernet.space.largest_backbone()).eval()
+    net, _, _ = _finetune(run, genome, teacher)
+    records.append({**base, "variant": "teacher", **_score(run, genome, net)})
+    print(f"[done] {method} t{target} seed{seed}: {time.perf_counter() - started:.0f} s", flush=True)
+    return records
+
+
+def report(records: list[dict]) -> str:
+    """Per variant: each method's mean test accuracy and change against its recorded runs, and the paired
+    aebnas − static_nas difference; then the recipe's aebnas against static_nas at each variant."""
+    from compare_baselines import BASELINE, t_interval
+
+    acc = {(r["variant"], r["method"], r["target_fraction"], r["seed"]): r["test_acc"] for r in records}
+    acc.update({("recorded", r["method"], r["target_fraction"], r["seed"]): r["recorded_test_acc"] for r in records})
+    runs = sorted({k[1:] for k in acc})
+    methods = sorted({m for m, _, _ in runs})
+    others = [m for m in methods if m != BASELINE]
+
+    def diffs(v_mine: str, v_base: str) -> np.ndarray:
+        return 100 * np.array([acc[v_mine, m, t, s] - acc[v_base, BASELINE, t, s] for m, t, s in runs
+                               if m in others and (v_base, BASELINE, t, s) in acc])
+
+    def ci(d: np.ndarray) -> str:
+        mean, lo, hi = t_interval(d)
+        return f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+    head = [f"{m} test acc (%), change" for m in methods]
+    lines = [f"| variant | {' | '.join(head)} | Δ vs static_nas, same variant (pp), 95% CI | "
+             "Δ recipe vs static_nas at this variant (pp), 95% CI |", "|---" * (len(methods) + 3) + "|"]
+    for v in ("recorded", *VARIANTS):
+        cells = []
+        for m in methods:
+            keys = [k for k in runs if k[0] == m]
+            mean = 100 * np.mean([acc[v, *k] for k in keys])
+            change = 100 * np.mean([acc[v, *k] - acc["recorded", *k] for k in keys])
+            cells.append(f"{mean:.2f} ({change:+.2f})")
+        lines.append(f"| {v} | {' | '.join(cells)} | {ci(diffs(v, v))} | {ci(diffs('recipe', v))} |")
+    return "\n".join(lines)
+
+
+def write(records: list[dict], out: Path, command: str) -> str:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "records": records}, indent=1) + "\n")
+    table = report(records)
+    n = len({r["run_dir"] for r in records})
+    out.with_suffix(".md").write_text(f"# Fine-tuning variants on {n} chosen networks\n\n`{command}`\n\n"
+                                      f"{__doc__.split(chr(10) * 2, 2)[2]}\n{table}\n")
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="compare_baselines.py --runs directories")
+    parser.add_argument("--methods", nargs="+", default=["aebnas", "static_nas"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: every seed found")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "refinetune_digits")
+    args = parser.parse_args()
+    dirs = sorted(str(p) for root in args.runs for m in args.methods for p in root.glob(f"{m}/t*/seed*")
+                  if p.is_dir() and (p / "summary.json").exists()
+                  and (args.seeds is None or int(p.name[4:]) in args.seeds))
+    if not dirs:
+        raise SystemExit(f"error: no finished run directories of {args.methods} under {args.runs}")
+    with ProcessPoolExecutor(args.jobs) as pool:
+        records = [r for rs in pool.map(probe, dirs) for r in rs]
+    print(write(records, args.out, "python " + " ".join(sys.argv)))
+
+
+if __name__ == "__main__":
+    main()
