@@ -210,6 +210,9 @@ def _check_top(cfg: DictConfig, t: dict, device: str) -> None:
     early = cfg.finetune.get("early_weight")
     _check(early is None or isinstance(early, (int, float)) and early >= 0, "finetune.early_weight", early,
            "must be null (training.early_weight) or >= 0")
+    from ee_nas.finetune import TEACHERS
+
+    _one_of(cfg.finetune.get("teacher", "self"), "finetune.teacher", TEACHERS)
     _check(not cfg.arch or Path(cfg.arch).is_file(), "arch", cfg.arch, "must be the path of an existing arch.yaml")
     _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is not None, "evaluation.device", device,
            "valid: auto, cpu, cuda, cuda:N")

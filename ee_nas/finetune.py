@@ -9,7 +9,8 @@ BatchNorm, scored (thresholds tuned on val under the run's hardware target,
 reported on test), trained as a standalone `MultiExitNet` for `epochs` epochs
 with the supernet's joint per-exit loss (`MultiExitModule.exit_loss`: the final
 exit weighted `training.final_weight`, the mean early-exit loss
-`finetune.early_weight`, self-distillation from its own final exit), its
+`finetune.early_weight`, distillation from its own final exit or, with `finetune.teacher: largest`, from
+the supernet's largest backbone), its
 BatchNorm recalibrated again, its thresholds re-tuned on val and scored on
 test. Writes `finetune_summary.json` (before/after), `subnet.pt` (the
 `ee_nas.run` format) and `arch.yaml` into `out=` (default: `finetuned/` next to
@@ -31,6 +32,7 @@ from ee_nas.select import evaluate_subnet, load_run, target_keys
 log = logging.getLogger(__name__)
 LR_FRACTION = 0.3  # conf/config.yaml's finetune.lr_fraction, for runs made before it existed
 EARLY_WEIGHT = 2.0  # conf/config.yaml's finetune.early_weight, likewise
+TEACHERS = ("self", "largest")  # finetune.teacher
 
 REPORT_KEYS = ("test_acc", "avg_macs", "relative_macs", "val_acc", "val_avg_macs", "final_exit_test_acc",
                "meets_target", "exit_rates", "thresholds", "avg_cost", "val_avg_cost",
@@ -41,12 +43,13 @@ def finetune_net(net, train_loader, training: dict, epochs: int, lr: float | Non
                  lr_fraction: float = LR_FRACTION, early_weight: float | None = None,
                  device: torch.device | str = "cpu",
                  calibration: torch.Tensor | None = None, eval_batch_size: int = 512, progress_bar: bool = False,
-                 logger=False, limit_train_batches: int | float | None = None):
+                 logger=False, limit_train_batches: int | float | None = None, teacher=None):
     """Train an extracted static subnet for `epochs` epochs with the supernet's joint per-exit loss, then
     recalibrate its BatchNorm on `calibration`. `training` is the run's `training` config (plain dict);
     `lr` defaults to `lr_fraction` of its optimizer's (`finetune.lr_fraction`), `early_weight` (the mean
     early-exit loss's, `finetune.early_weight`) to its `early_weight`; `limit_train_batches` caps
-    each epoch as Lightning's Trainer does (None: every batch); channels-last as `training.channels_last`.
+    each epoch as Lightning's Trainer does (None: every batch); channels-last as `training.channels_last`;
+    with a `teacher` (a frozen net, `finetune.teacher=largest`) every exit distils from its final exit.
     Returns the net (trained in place, back in the default layout) and the lr used."""
     import torch
 
@@ -64,7 +67,8 @@ def finetune_net(net, train_loader, training: dict, epochs: int, lr: float | Non
                                 training["final_weight"],
                                 training["early_weight"] if early_weight is None else float(early_weight),
                                 training["distill_weight"],
-                                training["distill_temperature"], training.get("channels_last", False))
+                                training["distill_temperature"], training.get("channels_last", False),
+                                None if teacher is None else teacher.to(device))
         accelerator = "gpu" if torch.device(device).type == "cuda" else "cpu"
         trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=logger,
                             enable_checkpointing=False, enable_progress_bar=progress_bar,
@@ -75,6 +79,14 @@ def finetune_net(net, train_loader, training: dict, epochs: int, lr: float | Non
     if calibration is not None:
         recalibrate_bn(net, calibration.to(device), eval_batch_size)
     return net.eval(), optimizer["lr"]
+
+
+def make_teacher(evaluator, choice: str = "self"):
+    """What every exit distils from while fine-tuning (`finetune.teacher`): None for `self` (the network's own
+    final exit), the supernet's largest backbone (inherited weights, recalibrated BatchNorm) for `largest`."""
+    if choice not in TEACHERS:
+        raise ValueError(f"finetune.teacher={choice!r} is invalid; valid: {', '.join(TEACHERS)}")
+    return evaluator.subnet(evaluator.supernet.space.largest_backbone()) if choice == "largest" else None
 
 
 def resolve_arch(run_dir: Path, arch: str | None) -> Path:
@@ -111,7 +123,8 @@ def finetune(run_dir: str | Path, arch: str | Path | None = None, epochs: int = 
     net, lr = finetune_net(net, run.datamodule.train_dataloader(), training, epochs, lr,
                            options.get("lr_fraction", LR_FRACTION), options.get("early_weight", EARLY_WEIGHT),
                            run.evaluator.device, run.evaluator.calibration, run.datamodule.eval_batch_size,
-                           logger=CSVLogger(out, name="csv"))
+                           logger=CSVLogger(out, name="csv"),
+                           teacher=make_teacher(run.evaluator, options.get("teacher", "self")))
     after = evaluate_subnet(run, genome, net)
     genome.save(out / "arch.yaml")
     save_subnet(out / "subnet.pt", genome, net, after.pop("_thresholds"), run.cfg.thresholds.measure)

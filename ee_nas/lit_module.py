@@ -153,15 +153,19 @@ class MultiExitModule(L.LightningModule):
 
 class FinetuneModule(L.LightningModule):
     """A static multi-exit subnet (ee_nas.finetune) trained with the supernet's loss (the same functions, not a
-    copy); its few exits need no lr scaling."""
+    copy); its few exits need no lr scaling. Every exit distils from `teacher`'s final exit (a frozen net in
+    eval mode, e.g. the supernet's largest backbone) or, without one, from the subnet's own final exit."""
 
     exit_loss = MultiExitModule.exit_loss
     configure_optimizers = MultiExitModule.configure_optimizers
 
     def __init__(self, net, optimizer, scheduler=None, final_weight: float = 1.0, early_weight: float = 1.0,
-                 distill_weight: float = 0.0, distill_temperature: float = 2.0, channels_last: bool = False):
+                 distill_weight: float = 0.0, distill_temperature: float = 2.0, channels_last: bool = False,
+                 teacher: torch.nn.Module | None = None):
         super().__init__()
         self.net, self.optimizer_cfg, self.scheduler_cfg = net, optimizer, scheduler
+        # a plain attribute, not a submodule: the teacher is neither optimized nor saved, and stays in eval mode
+        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False) if teacher is not None else None)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format  # as the supernet
         self.net.to(memory_format=self.memory_format)
         self.final_weight, self.early_weight = final_weight, early_weight
@@ -179,7 +183,12 @@ class FinetuneModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         logits = self.net(x.contiguous(memory_format=self.memory_format))
-        loss = self.exit_loss(logits, y, logits[-1].detach())
+        if self.teacher is None:
+            target = logits[-1].detach()
+        else:
+            with torch.no_grad():
+                target = self.teacher(x)[-1]
+        loss = self.exit_loss(logits, y, target)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"fine-tuning loss became {loss.item()} at step {self.global_step}; "
                                      "lower lr=...")

@@ -75,18 +75,19 @@ def finetune_chosen(cfg: DictConfig, net, genome: Genome, evaluator, datamodule,
         return {"finetune_epochs": 0}
     from omegaconf import OmegaConf
 
-    from ee_nas.finetune import finetune_net
+    from ee_nas.finetune import finetune_net, make_teacher
 
     out = evaluator.outputs(genome, ("val", "test"), net=net)
     policy = tune_on_val(cfg, evaluator, genome, out["val"], target)
     before = evaluate_policy(out["test"].conf, out["test"].correct, evaluator.cum_cost(genome), policy.thresholds)
     log.info("fine-tuning the chosen network for %d epochs (test acc before: %.4f)", epochs, before.accuracy)
+    teacher = make_teacher(evaluator, cfg.finetune.get("teacher", "self"))  # before the seed: BN recalibration draws
     torch.manual_seed(cfg.seed)
     finetune_net(net, datamodule.train_dataloader(), OmegaConf.to_container(cfg.training, resolve=True), epochs,
                  cfg.finetune.get("lr"), cfg.finetune.lr_fraction, cfg.finetune.early_weight, evaluator.device,
                  evaluator.calibration, datamodule.eval_batch_size,
                  progress_bar=bool(cfg.trainer.get("enable_progress_bar", False)),
-                 limit_train_batches=cfg.finetune.get("limit_train_batches"))
+                 limit_train_batches=cfg.finetune.get("limit_train_batches"), teacher=teacher)
     return {"finetune_epochs": epochs, "pre_finetune_test_acc": float(before.accuracy),
             "pre_finetune_val_acc": float(policy.accuracy)}
 

@@ -46,6 +46,10 @@ METHODS = {  # name -> (overrides, the method whose supernet it searches)
     "static_nas": (["search_space=static_nas", "search=nsga2"], "static_nas"),
     "static_nas_finetune_lr_0.1": (["search_space=static_nas", "search=nsga2", "finetune.lr_fraction=0.1"],
                                    "static_nas"),
+    # the baselines' strongest fine-tuning: every exit distils from the supernet's largest backbone
+    "static_nas_finetune_teacher": (["search_space=static_nas", "search=nsga2", "finetune.teacher=largest"],
+                                    "static_nas"),
+    "aebnas_finetune_teacher": (["search_space=aebnas", "search=nsga2", "finetune.teacher=largest"], "aebnas"),
     # the baseline with aebnas' other choice rule: checks that it got the stronger of the two
     "static_nas_within_noise": (["search_space=static_nas", "search=nsga2", "search.choose=within_noise"],
                                 "static_nas"),
@@ -67,6 +71,8 @@ ABLATIONS = [  # (with the lever, without it, the lever): paired by seed and tar
     *[(m, f"{m}_finetune_lr_0.1", "fine-tuning lr 0.3 x the supernet's, not 0.1 (`finetune.lr_fraction`)")
       for m in ("aebnas", "static_nas")],
     ("aebnas", "aebnas_finetune_early_1", "fine-tuning early-exit loss weight 2, not 1 (`finetune.early_weight`)"),
+    *[(f"{m}_finetune_teacher", m, "distilling from the largest backbone, not the own final exit "
+       "(`finetune.teacher=largest`)") for m in ("aebnas", "static_nas")],
     ("aebnas_training_early_2", "aebnas",
      "supernet's early-exit loss weight 2, not 1 (`training.early_weight`; not kept)"),
 ]

@@ -10,14 +10,14 @@ thresholds re-tuned on val and scored on test, as `ee_nas.run` does:
 - `swa_half`, `swa_all`: the mean of the recipe's epoch-end weights over its last half / all epochs
   (stochastic weight averaging), BatchNorm recalibrated;
 - `wise0.5`, `wise0.75`: the recipe's final weights interpolated with the inherited ones (WiSE-FT);
-- `teacher`: self-distillation from the supernet's largest backbone (recalibrated, frozen) instead of
-  the network's own final exit, at `training.distill_weight`.
+- `teacher`: distillation from the supernet's largest backbone (recalibrated, frozen) instead of the
+  network's own final exit, at `training.distill_weight` (`finetune.teacher=largest`).
 
 Writes `<out>.json` (one record per run and variant) and `<out>.md`: per variant, each method's mean
 test accuracy and its change against the recorded runs, the paired aebnas − static_nas difference
 (both with the variant) and aebnas's recipe against static_nas with the variant (a stronger
-baseline), each with a 95% t-interval. Probing code: it swaps the fine-tuning module for one that keeps snapshots or a
-teacher, and is not part of the pipeline.
+baseline), each with a 95% t-interval. Probing code: it swaps the fine-tuning module for one that
+keeps its epoch-end weights, and is not part of the pipeline.
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def _average(states: list[dict]) -> dict:
 
 
 def _finetune(run, genome, teacher=None) -> tuple:
-    """The run's fine-tuning of `genome` (optionally distilled from `teacher`); the net and its epoch-end weights."""
+    """The run's fine-tuning of `genome` (with `teacher`: `finetune.teacher=largest`); the net, its inherited
+    weights and its epoch-end weights."""
     import torch
     from omegaconf import OmegaConf
 
@@ -55,15 +56,6 @@ def _finetune(run, genome, teacher=None) -> tuple:
         def on_train_epoch_end(self):
             snapshots.append({k: v.detach().clone() for k, v in self.net.state_dict().items()})
 
-        def training_step(self, batch, batch_idx):
-            if teacher is None:
-                return super().training_step(batch, batch_idx)
-            x, y = batch
-            logits = self.net(x.contiguous(memory_format=self.memory_format))
-            with torch.no_grad():
-                target = teacher(x.contiguous())[-1]
-            return self.exit_loss(logits, y, target)
-
     cfg, original = run.cfg, lit.FinetuneModule
     net = run.evaluator.subnet(genome)
     pre = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -73,7 +65,7 @@ def _finetune(run, genome, teacher=None) -> tuple:
         finetune_net(net, run.datamodule.train_dataloader(), OmegaConf.to_container(cfg.training, resolve=True),
                      cfg.finetune.epochs, cfg.finetune.get("lr"), cfg.finetune.get("lr_fraction", LR_FRACTION),
                      cfg.finetune.get("early_weight", EARLY_WEIGHT), "cpu", run.evaluator.calibration,
-                     run.datamodule.eval_batch_size)
+                     run.datamodule.eval_batch_size, teacher=teacher)
     finally:
         lit.FinetuneModule = original
     return net, pre, snapshots
@@ -94,6 +86,7 @@ def _score(run, genome, net) -> dict:
 def probe(run_dir: str) -> list[dict]:
     import torch
 
+    from ee_nas.finetune import make_teacher
     from ee_nas.genome import Genome
     from ee_nas.models.bn import recalibrate_bn
     from ee_nas.select import load_run
@@ -115,8 +108,7 @@ def probe(run_dir: str) -> list[dict]:
         net.load_state_dict(states[name])
         recalibrate_bn(net, run.evaluator.calibration, run.datamodule.eval_batch_size)
         records.append({**base, "variant": name, **_score(run, genome, net)})
-    teacher = run.evaluator.subnet(run.supernet.space.largest_backbone()).eval()
-    net, _, _ = _finetune(run, genome, teacher)
+    net, _, _ = _finetune(run, genome, make_teacher(run.evaluator, "largest"))
     records.append({**base, "variant": "teacher", **_score(run, genome, net)})
     print(f"[done] {method} t{target} seed{seed}: {time.perf_counter() - started:.0f} s", flush=True)
     return records

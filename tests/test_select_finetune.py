@@ -143,8 +143,9 @@ class TwoExits(torch.nn.Module):
         return [self.a(x), self.b(x)]
 
 
-def finetune_two_exits(**kwargs) -> tuple[TwoExits, float]:
-    """`finetune_net` for one epoch of 5 batches on random data, with a supernet lr of 0.1; returns (net, lr)."""
+def finetune_two_exits(training: dict | None = None, **kwargs) -> tuple[TwoExits, float]:
+    """`finetune_net` for one epoch of 5 batches on random data, with a supernet lr of 0.1 and the loss weights
+    updated by `training`; returns (net, lr)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from ee_nas.finetune import finetune_net
@@ -152,7 +153,7 @@ def finetune_two_exits(**kwargs) -> tuple[TwoExits, float]:
     net = TwoExits()
     loader = DataLoader(TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,))), batch_size=4)
     training = {"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}, "final_weight": 1.0,
-                "early_weight": 1.0, "distill_weight": 0.0, "distill_temperature": 2.0}
+                "early_weight": 1.0, "distill_weight": 0.0, "distill_temperature": 2.0, **(training or {})}
     return finetune_net(net, loader, training, epochs=1, **kwargs)
 
 
@@ -174,6 +175,32 @@ def test_finetune_net_weights_the_early_exits_by_early_weight(early_weight):
     net, _ = finetune_two_exits(early_weight=early_weight)
     assert not torch.equal(net.b.weight, final)
     assert torch.equal(net.a.weight, early) == (early_weight == 0.0)
+
+
+def test_finetune_net_distils_every_exit_from_the_teacher():
+    """finetune.teacher=largest: with only the distillation loss, every exit moves towards the frozen teacher's
+    final exit (without a teacher the final exit, distilling from itself, gets no gradient); the teacher stays."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    teacher, x = TwoExits(), torch.randn(64, 4)
+    frozen = [p.detach().clone() for p in teacher.parameters()]
+    soft = F.softmax(teacher.eval()(x)[-1], 1).detach()
+
+    def gaps(net):  # KL(teacher || exit) of each exit
+        with torch.no_grad():
+            return [float(F.kl_div(F.log_softmax(z, 1), soft, reduction="batchmean")) for z in net.eval()(x)]
+
+    only_distill = {"final_weight": 0.0, "early_weight": 0.0, "distill_weight": 1.0}
+    torch.manual_seed(1)
+    start = gaps(TwoExits())
+    nets = {}
+    for name, t in (("self", None), ("largest", teacher)):
+        torch.manual_seed(1)
+        nets[name], _ = finetune_two_exits(only_distill, lr=1.0, teacher=t)
+    assert all(after < before for after, before in zip(gaps(nets["largest"]), start))
+    assert gaps(nets["self"])[1] == pytest.approx(start[1])  # its own final exit: no gradient
+    assert all(torch.equal(p, q) for p, q in zip(teacher.parameters(), frozen))
 
 
 def test_finetune_fallbacks_are_the_configs():
