@@ -118,7 +118,9 @@ def test_measured_table_is_cached_per_machine(small_supernet, tmp_path):
     rng = np.random.default_rng(1)
     for g in [small_supernet.space.largest()] + [small_supernet.space.sample(rng) for _ in range(5)]:
         cum = table.predict(g)
-        assert cum.shape == (g.n_exits,) and np.all(np.diff(cum) > 0) and cum[0] > 0
+        # never decreasing: with a few noisy calibration timings the fit may set the scale to 0, and then
+        # every segment after the first adds only the per-exit cost (0 too, at worst)
+        assert cum.shape == (g.n_exits,) and np.all(np.diff(cum) >= 0) and cum[0] > 0
     again = LatencyTable(small_supernet, path=path, timer=lambda fn: pytest.fail("re-measured"))
     assert again.measure_all() == 0
     np.testing.assert_array_equal(again.predict(small_supernet.space.largest()),
