@@ -81,7 +81,8 @@ def finetune_chosen(cfg: DictConfig, net, genome: Genome, evaluator, datamodule,
     policy = tune_on_val(cfg, evaluator, genome, out["val"], target)
     before = evaluate_policy(out["test"].conf, out["test"].correct, evaluator.cum_cost(genome), policy.thresholds)
     log.info("fine-tuning the chosen network for %d epochs (test acc before: %.4f)", epochs, before.accuracy)
-    teacher = make_teacher(evaluator, cfg.finetune.get("teacher", "self"))  # before the seed: BN recalibration draws
+    # before the seed: the teacher's BatchNorm recalibration runs in train mode, whose dropout draws random numbers
+    teacher = make_teacher(evaluator, cfg.finetune.get("teacher", "self"))
     torch.manual_seed(cfg.seed)
     finetune_net(net, datamodule.train_dataloader(), OmegaConf.to_container(cfg.training, resolve=True), epochs,
                  cfg.finetune.get("lr"), cfg.finetune.lr_fraction, cfg.finetune.early_weight, evaluator.device,

@@ -41,14 +41,13 @@ def _average(states: list[dict]) -> dict:
             for k in states[0]}
 
 
-def _finetune(run, genome, teacher=None) -> tuple:
-    """The run's fine-tuning of `genome` (with `teacher`: `finetune.teacher=largest`); the net, its inherited
-    weights and its epoch-end weights."""
-    import torch
+def _finetune(run, genome, teacher: str = "self") -> tuple:
+    """The run's fine-tuning of `genome` as `ee_nas.run` does it (`finetune_chosen`), with `finetune.teacher`
+    set to `teacher`; the net, its inherited weights and its epoch-end weights."""
     from omegaconf import OmegaConf
 
     import ee_nas.lit_module as lit
-    from ee_nas.finetune import EARLY_WEIGHT, LR_FRACTION, finetune_net
+    from ee_nas.pipeline import finetune_chosen
 
     snapshots = []
 
@@ -56,37 +55,27 @@ def _finetune(run, genome, teacher=None) -> tuple:
         def on_train_epoch_end(self):
             snapshots.append({k: v.detach().clone() for k, v in self.net.state_dict().items()})
 
-    cfg, original = run.cfg, lit.FinetuneModule
+    cfg = OmegaConf.merge(run.cfg, {"finetune": {"teacher": teacher}, "trainer": {"enable_progress_bar": False}})
     net = run.evaluator.subnet(genome)
     pre = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    lit.FinetuneModule = Probe
+    original, lit.FinetuneModule = lit.FinetuneModule, Probe
     try:
-        torch.manual_seed(cfg.seed)
-        finetune_net(net, run.datamodule.train_dataloader(), OmegaConf.to_container(cfg.training, resolve=True),
-                     cfg.finetune.epochs, cfg.finetune.get("lr"), cfg.finetune.get("lr_fraction", LR_FRACTION),
-                     cfg.finetune.get("early_weight", EARLY_WEIGHT), "cpu", run.evaluator.calibration,
-                     run.datamodule.eval_batch_size, teacher=teacher)
+        finetune_chosen(cfg, net, genome, run.evaluator, run.datamodule, run.target)
     finally:
         lit.FinetuneModule = original
     return net, pre, snapshots
 
 
 def _score(run, genome, net) -> dict:
-    from ee_nas.pipeline import tune_on_val
-    from ee_nas.thresholds import evaluate_policy
+    from ee_nas.select import evaluate_subnet
 
-    out = run.evaluator.outputs(genome, ("val", "test"), net=net)
-    policy = tune_on_val(run.cfg, run.evaluator, genome, out["val"], run.target)
-    test = evaluate_policy(out["test"].conf, out["test"].correct, run.evaluator.costs.costs(genome).cum_macs,
-                           policy.thresholds)
-    return {"test_acc": test.accuracy, "val_acc": float(policy.accuracy),
-            "relative_macs": test.avg_macs / run.reference_macs}
+    scored = evaluate_subnet(run, genome, net)
+    return {k: scored[k] for k in ("test_acc", "val_acc", "relative_macs")}
 
 
 def probe(run_dir: str) -> list[dict]:
     import torch
 
-    from ee_nas.finetune import make_teacher
     from ee_nas.genome import Genome
     from ee_nas.models.bn import recalibrate_bn
     from ee_nas.select import load_run
@@ -108,7 +97,7 @@ def probe(run_dir: str) -> list[dict]:
         net.load_state_dict(states[name])
         recalibrate_bn(net, run.evaluator.calibration, run.datamodule.eval_batch_size)
         records.append({**base, "variant": name, **_score(run, genome, net)})
-    net, _, _ = _finetune(run, genome, make_teacher(run.evaluator, "largest"))
+    net, _, _ = _finetune(run, genome, "largest")
     records.append({**base, "variant": "teacher", **_score(run, genome, net)})
     print(f"[done] {method} t{target} seed{seed}: {time.perf_counter() - started:.0f} s", flush=True)
     return records
