@@ -391,12 +391,14 @@ class LatencyTable:
         """(scale, per-exit ms, fixed ms): measured ~= scale * component sum + per_exit * exits run + fixed.
 
         Uncalibrated: (1, measured decision, 0). `calibrate` fits them on whole subnets, which absorbs
-        what component timings miss: caches shared along the network, the runtime's own work.
+        what component timings miss: caches shared along the network, the runtime's own work. A
+        degenerate fit (scale 0) is not used: it would predict one latency for every subnet.
         """
         if self._correction is None:
             cal = self.entries.get(f"calibration:{self.supernet_fingerprint()}")
+            usable = cal is not None and float(cal["scale"]) > 0
             self._correction = ((float(cal["scale"]), float(cal["per_exit_ms"]), float(cal["base_ms"]))
-                                if cal else (1.0, self.decision_ms, 0.0))
+                                if usable else (1.0, self.decision_ms, 0.0))
         return self._correction
 
     @property
@@ -435,6 +437,11 @@ class LatencyTable:
                "n_subnets": len(genomes), "fit_mape_pct": float(np.mean(np.abs(fit - measured) / measured) * 100),
                "uncalibrated_mape_pct": float(np.mean(np.abs(raw + self.decision_ms * design[:, 1] - measured)
                                                       / measured) * 100)}
+        if a <= 0:
+            log.warning("latency calibration is degenerate: over %d subnets measured latency did not grow with "
+                        "the summed component latencies (timing noise, or too few subnets/rounds: %d/%d), so the "
+                        "fit would predict %.3g ms for every subnet; predictions stay uncalibrated (component sums)",
+                        len(genomes), n_subnets, rounds, c + b)
         self.entries[f"calibration:{self.supernet_fingerprint()}"] = cal
         self._correction = None
         return cal
