@@ -11,7 +11,10 @@ thresholds re-tuned on val and scored on test, as `ee_nas.run` does:
   (stochastic weight averaging), BatchNorm recalibrated;
 - `wise0.5`, `wise0.75`: the recipe's final weights interpolated with the inherited ones (WiSE-FT);
 - `teacher`: distillation from the supernet's largest backbone (recalibrated, frozen) instead of the
-  network's own final exit, at `training.distill_weight` (`finetune.teacher=largest`).
+  network's own final exit, at `training.distill_weight` (`finetune.teacher=largest`);
+- `best_val`, `best_val_or_inherited`: the recipe's epoch-end weights (BatchNorm recalibrated) of the epoch
+  with the best val accuracy after threshold tuning (ties: the later epoch), without / with the
+  inherited weights as epoch 0 (early stopping on val; each epoch's scores are in the records).
 
 Writes `<out>.json` (one record per run and variant) and `<out>.md`: per variant, each method's mean
 test accuracy and its change against the recorded runs, the paired aebnas − static_nas difference
@@ -28,12 +31,14 @@ import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 AVERAGES = ("swa_half", "swa_all", "wise0.5", "wise0.75")
-VARIANTS = ("recipe", *AVERAGES, "teacher")
+EPOCH_CHOICES = ("best_val", "best_val_or_inherited")
+VARIANTS = ("recipe", *AVERAGES, "teacher", *EPOCH_CHOICES)
 
 
 def _average(states: list[dict]) -> dict:
@@ -73,7 +78,7 @@ def _score(run, genome, net) -> dict:
     return {k: scored[k] for k in ("test_acc", "val_acc", "relative_macs")}
 
 
-def probe(run_dir: str) -> list[dict]:
+def probe(run_dir: str, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
     import torch
 
     from ee_nas.genome import Genome
@@ -90,15 +95,27 @@ def probe(run_dir: str) -> list[dict]:
             "recorded_test_acc": recorded}
     net, pre, snaps = _finetune(run, genome)
     records = [{**base, "variant": "recipe", **_score(run, genome, net)}]
+
+    def scored(state: dict) -> dict:
+        net.load_state_dict(state)
+        recalibrate_bn(net, run.evaluator.calibration, run.datamodule.eval_batch_size)
+        return _score(run, genome, net)
+
     half = len(snaps) // 2
     states = {"swa_half": _average(snaps[half:]), "swa_all": _average(snaps), "wise0.5": _average([pre, snaps[-1]]),
               "wise0.75": _average([pre] + [snaps[-1]] * 3)}
     for name in AVERAGES:
-        net.load_state_dict(states[name])
-        recalibrate_bn(net, run.evaluator.calibration, run.datamodule.eval_batch_size)
-        records.append({**base, "variant": name, **_score(run, genome, net)})
-    net, _, _ = _finetune(run, genome, "largest")
-    records.append({**base, "variant": "teacher", **_score(run, genome, net)})
+        if name in variants:
+            records.append({**base, "variant": name, **scored(states[name])})
+    if any(v in variants for v in EPOCH_CHOICES):
+        epochs = [scored(state) for state in [pre, *snaps]]  # epoch 0: the inherited weights
+        per_epoch = [{"val_acc": e["val_acc"], "test_acc": e["test_acc"]} for e in epochs]
+        for name, first in zip(EPOCH_CHOICES, (1, 0)):
+            best = max(range(first, len(epochs)), key=lambda i: (epochs[i]["val_acc"], i))
+            records.append({**base, "variant": name, **epochs[best], "epoch": best, "per_epoch": per_epoch})
+    if "teacher" in variants:
+        net, _, _ = _finetune(run, genome, "largest")
+        records.append({**base, "variant": "teacher", **_score(run, genome, net)})
     print(f"[done] {method} t{target} seed{seed}: {time.perf_counter() - started:.0f} s", flush=True)
     return records
 
@@ -125,7 +142,7 @@ def report(records: list[dict]) -> str:
     head = [f"{m} test acc (%), change" for m in methods]
     lines = [f"| variant | {' | '.join(head)} | Δ vs static_nas, same variant (pp), 95% CI | "
              "Δ recipe vs static_nas at this variant (pp), 95% CI |", "|---" * (len(methods) + 3) + "|"]
-    for v in ("recorded", *VARIANTS):
+    for v in ("recorded", *[v for v in VARIANTS if any(r["variant"] == v for r in records)]):
         cells = []
         for m in methods:
             keys = [k for k in runs if k[0] == m]
@@ -151,6 +168,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="compare_baselines.py --runs directories")
     parser.add_argument("--methods", nargs="+", default=["aebnas", "static_nas"])
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: every seed found")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="`recipe` always runs (it checks the reproduction)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "refinetune_digits")
     args = parser.parse_args()
@@ -160,7 +179,7 @@ def main() -> None:
     if not dirs:
         raise SystemExit(f"error: no finished run directories of {args.methods} under {args.runs}")
     with ProcessPoolExecutor(args.jobs) as pool:
-        records = [r for rs in pool.map(probe, dirs) for r in rs]
+        records = [r for rs in pool.map(partial(probe, variants=tuple(args.variants)), dirs) for r in rs]
     print(write(records, args.out, "python " + " ".join(sys.argv)))
 
 
