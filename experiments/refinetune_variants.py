@@ -153,10 +153,26 @@ def report(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def epoch_curves(records: list[dict]) -> str:
+    """Each method's mean val and test accuracy after every fine-tuning epoch (0: the inherited weights), from
+    the `best_val` records; empty without them."""
+    rows = [r for r in records if r["variant"] == "best_val"]
+    if not rows:
+        return ""
+    n = len(rows[0]["per_epoch"])
+    lines = ["| method | split | " + " | ".join(str(e) for e in range(n)) + " |", "|---" * (n + 2) + "|"]
+    for m in sorted({r["method"] for r in rows}):
+        for split in ("val_acc", "test_acc"):
+            means = 100 * np.mean([[e[split] for e in r["per_epoch"]] for r in rows if r["method"] == m], axis=0)
+            lines.append(f"| {m} | {split[:-4]} | " + " | ".join(f"{x:.2f}" for x in means) + " |")
+    return "\n\nMean accuracy (%) after each fine-tuning epoch (0: inherited weights; thresholds tuned on val):\n\n" + \
+        "\n".join(lines)
+
+
 def write(records: list[dict], out: Path, command: str) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"command": command, "records": records}, indent=1) + "\n")
-    table = report(records)
+    table = report(records) + epoch_curves(records)
     n = len({r["run_dir"] for r in records})
     out.with_suffix(".md").write_text(f"# Fine-tuning variants on {n} chosen networks\n\n`{command}`\n\n"
                                       f"{__doc__.split(chr(10) * 2, 2)[2]}\n{table}\n")
