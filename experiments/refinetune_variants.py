@@ -12,6 +12,8 @@ thresholds re-tuned on val and scored on test, as `ee_nas.run` does:
 - `wise0.5`, `wise0.75`: the recipe's final weights interpolated with the inherited ones (WiSE-FT);
 - `teacher`: distillation from the supernet's largest backbone (recalibrated, frozen) instead of the
   network's own final exit, at `training.distill_weight` (`finetune.teacher=largest`);
+- `hard_final`: the final exit's per-sample loss weighted by how unsure the early exits are (1 − their highest
+  max-softmax, detached, normalized to mean 1): the final exit only sees the samples no early exit took;
 - `best_val`, `best_val_or_inherited`: the recipe's epoch-end weights (BatchNorm recalibrated) of the epoch
   with the best val accuracy after threshold tuning (ties: the later epoch), without / with the
   inherited weights as epoch 0 (early stopping on val; each epoch's scores are in the records).
@@ -38,7 +40,7 @@ import numpy as np
 
 AVERAGES = ("swa_half", "swa_all", "wise0.5", "wise0.75")
 EPOCH_CHOICES = ("best_val", "best_val_or_inherited")
-VARIANTS = ("recipe", *AVERAGES, "teacher", *EPOCH_CHOICES)
+VARIANTS = ("recipe", *AVERAGES, "teacher", "hard_final", *EPOCH_CHOICES)
 
 
 def _average(states: list[dict]) -> dict:
@@ -46,9 +48,28 @@ def _average(states: list[dict]) -> dict:
             for k in states[0]}
 
 
-def _finetune(run, genome, teacher: str = "self") -> tuple:
+def _hard_final_loss(self, logits, y, teacher):
+    """`exit_loss` with the final exit's cross-entropy weighted towards the samples the early exits are unsure of."""
+    import torch
+    import torch.nn.functional as F
+
+    from ee_nas.lit_module import MultiExitModule
+
+    loss = MultiExitModule.exit_loss(self, logits, y, teacher)
+    if len(logits) == 1:
+        return loss
+    with torch.no_grad():
+        sure = torch.stack([F.softmax(z, 1).amax(1) for z in logits[:-1]]).amax(0)
+        w = (1 - sure).clamp_min(1e-3)
+        w = w / w.mean()
+    ce = F.cross_entropy(logits[-1], y, reduction="none")
+    return loss + self.final_weight * ((w * ce).mean() - ce.mean())
+
+
+def _finetune(run, genome, teacher: str = "self", exit_loss=None) -> tuple:
     """The run's fine-tuning of `genome` as `ee_nas.run` does it (`finetune_chosen`), with `finetune.teacher`
-    set to `teacher`; the net, its inherited weights and its epoch-end weights."""
+    set to `teacher` (and `exit_loss` in place of the module's, if given); the net, its inherited weights and
+    its epoch-end weights."""
     from omegaconf import OmegaConf
 
     import ee_nas.lit_module as lit
@@ -59,6 +80,9 @@ def _finetune(run, genome, teacher: str = "self") -> tuple:
     class Probe(lit.FinetuneModule):
         def on_train_epoch_end(self):
             snapshots.append({k: v.detach().clone() for k, v in self.net.state_dict().items()})
+
+    if exit_loss is not None:
+        Probe.exit_loss = exit_loss
 
     cfg = OmegaConf.merge(run.cfg, {"finetune": {"teacher": teacher}, "trainer": {"enable_progress_bar": False}})
     net = run.evaluator.subnet(genome)
@@ -113,6 +137,9 @@ def probe(run_dir: str, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
         for name, first in zip(EPOCH_CHOICES, (1, 0)):
             best = max(range(first, len(epochs)), key=lambda i: (epochs[i]["val_acc"], i))
             records.append({**base, "variant": name, **epochs[best], "epoch": best, "per_epoch": per_epoch})
+    if "hard_final" in variants:
+        net, _, _ = _finetune(run, genome, exit_loss=_hard_final_loss)
+        records.append({**base, "variant": "hard_final", **_score(run, genome, net)})
     if "teacher" in variants:
         net, _, _ = _finetune(run, genome, "largest")
         records.append({**base, "variant": "teacher", **_score(run, genome, net)})
@@ -136,6 +163,8 @@ def report(records: list[dict]) -> str:
                                if m in others and (v_base, BASELINE, t, s) in acc])
 
     def ci(d: np.ndarray) -> str:
+        if len(d) < 2:
+            return "–"
         mean, lo, hi = t_interval(d)
         return f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
