@@ -1,0 +1,68 @@
+"""The statistics behind the README's Results: paired differences by seed, their t-intervals, and the
+fine-tuning probe's table and loss variant (experiments/compare_baselines.py, refinetune_variants.py)."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import compare_baselines  # noqa: E402
+import refinetune_variants  # noqa: E402
+
+from ee_nas.lit_module import MultiExitModule  # noqa: E402
+
+
+def test_t_interval_is_the_sample_std_t_interval():
+    d = np.array([0.28, 0.56, -0.28, 0.0, 0.84])
+    mean, lo, hi = compare_baselines.t_interval(d)
+    ref = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))  # sem: ddof=1
+    assert mean == pytest.approx(d.mean()) and (lo, hi) == pytest.approx(ref)
+    assert np.isnan(compare_baselines.t_interval(np.array([0.5]))[1])
+
+
+def test_paired_differences_match_seeds_and_skip_unpaired_runs():
+    rec = lambda m, s, acc, t=0.35: {"method": m, "target_fraction": t, "seed": s, "test_acc": acc}  # noqa: E731
+    records = [rec("static_nas", 0, 0.98), rec("static_nas", 1, 0.97), rec("aebnas", 1, 0.99),
+               rec("aebnas", 0, 0.985), rec("aebnas", 2, 0.99), rec("static_nas", 0, 0.5, t=0.5)]
+    np.testing.assert_allclose(compare_baselines.paired(records, "aebnas", 0.35), [0.5, 2.0])  # seed 0, 1 (pp)
+
+
+def _records(variant_acc: dict, recorded: dict) -> list[dict]:
+    return [{"variant": v, "method": m, "target_fraction": 0.35, "seed": s, "test_acc": acc,
+             "recorded_test_acc": recorded[m, s], "run_dir": f"{m}/{s}"}
+            for v, accs in variant_acc.items() for (m, s), acc in accs.items()]
+
+
+def test_variant_report_pairs_each_variant_with_the_baseline():
+    recorded = {("aebnas", 0): 0.99, ("aebnas", 1): 0.98, ("static_nas", 0): 0.97, ("static_nas", 1): 0.97}
+    swa = {("aebnas", 0): 0.995, ("aebnas", 1): 0.985, ("static_nas", 0): 0.98, ("static_nas", 1): 0.96}
+    table = refinetune_variants.report(_records({"recipe": recorded, "swa_half": swa}, recorded))
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:]}
+    assert set(rows) == {"recorded", "recipe", "swa_half"}
+    assert rows["swa_half"][0] == "99.00 (+0.50)" and rows["swa_half"][1] == "97.00 (+0.00)"
+    # with the variant on both sides: aebnas - static_nas = +1.5, +2.5 pp; the recipe's aebnas against it: +1, +2
+    for cell, d in ((rows["swa_half"][2], [1.5, 2.5]), (rows["swa_half"][3], [1.0, 2.0])):
+        mean, lo, hi = compare_baselines.t_interval(np.array(d))
+        assert cell.strip(" |") == f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+class _Loss:
+    final_weight, early_weight, distill_weight, distill_temperature = 1.0, 2.0, 0.5, 2.0
+
+
+def test_hard_final_loss_weights_the_samples_the_early_exits_are_unsure_of():
+    torch.manual_seed(0)
+    y = torch.tensor([0, 1, 2, 3])
+    final = torch.randn(4, 10, requires_grad=True)
+    teacher = torch.randn(4, 10)
+    even = torch.zeros(4, 10)  # every sample equally unsure: the weights are all 1, the loss the module's
+    loss = refinetune_variants._hard_final_loss(_Loss(), [even, final], y, teacher)
+    assert loss.item() == pytest.approx(MultiExitModule.exit_loss(_Loss(), [even, final], y, teacher).item())
+    sure = torch.zeros(4, 10)
+    sure[0, 0] = 50.0  # the early exit is sure of sample 0 only: its final-exit loss gets (almost) no gradient
+    refinetune_variants._hard_final_loss(_Loss(), [sure, final], y, None).backward()
+    grad = final.grad.abs().sum(1)
+    assert grad[0] < 1e-2 * grad[1:].min()
