@@ -66,3 +66,27 @@ def test_hard_final_loss_weights_the_samples_the_early_exits_are_unsure_of():
     refinetune_variants._hard_final_loss(_Loss(), [sure, final], y, None).backward()
     grad = final.grad.abs().sum(1)
     assert grad[0] < 1e-2 * grad[1:].min()
+
+
+def test_respend_finds_the_costliest_policy_within_tolerance_as_exhaustive_search_does():
+    import respend_thresholds
+
+    from ee_nas.thresholds import evaluate_policy, tune_thresholds
+
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(size=(60, 2))
+    correct = rng.uniform(size=(60, 2)) < np.array([0.85, 0.8])  # the final exit no better: spending costs accuracy
+    cum = np.array([1.0, 3.0])
+    base = tune_thresholds(conf, correct, cum, 2.6, ties="cheap")
+    costs = []
+    for tol, budget in ((0, 2.6), (1, 2.6), (4, 2.6), (4, 1.5)):
+        thr = respend_thresholds.spend_within(conf, correct, cum, budget, base.thresholds[:-1], tol, 256)
+        got = evaluate_policy(conf, correct, cum, thr)
+        # one early exit: every policy is one threshold among the observed confidences (or +inf)
+        allowed = [p for p in (evaluate_policy(conf, correct, cum, np.array([t, 0.0]))
+                               for t in np.append(np.unique(conf[:, 0]), np.inf))
+                   if p.accuracy >= base.accuracy - tol / 60 - 1e-12 and p.avg_macs <= budget + 1e-12]
+        assert got.avg_macs == pytest.approx(max(p.avg_macs for p in allowed))
+        assert got.accuracy >= base.accuracy - tol / 60 - 1e-12 and got.avg_macs >= base.avg_macs
+        costs.append(got.avg_macs)
+    assert costs[0] < costs[1] < costs[2] and costs[3] <= 1.5  # each image of tolerance buys more spend
