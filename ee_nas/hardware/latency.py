@@ -440,8 +440,8 @@ class LatencyTable:
         if a <= 0:
             log.warning("latency calibration is degenerate: over %d subnets measured latency did not grow with "
                         "the summed component latencies (timing noise, or too few subnets/rounds: %d/%d), so the "
-                        "fit would predict %.3g ms for every subnet; predictions stay uncalibrated (component sums)",
-                        len(genomes), n_subnets, rounds, c + b)
+                        "fit would set a subnet's latency by its number of exits alone; predictions stay "
+                        "uncalibrated (component sums)", len(genomes), n_subnets, rounds)
         self.entries[f"calibration:{self.supernet_fingerprint()}"] = cal
         self._correction = None
         return cal
