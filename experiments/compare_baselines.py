@@ -40,6 +40,7 @@ METHODS = {  # name -> (overrides, the method whose supernet it searches)
                                         "search.n_largest=0"], "aebnas"),
     "aebnas_finetune_lr_0.1": (["search_space=aebnas", "search=nsga2", "finetune.lr_fraction=0.1"], "aebnas"),
     "aebnas_finetune_early_1": (["search_space=aebnas", "search=nsga2", "finetune.early_weight=1.0"], "aebnas"),
+    "aebnas_score_folds_1": (["search_space=aebnas", "search=nsga2", "thresholds.score_folds=1"], "aebnas"),
     # a supernet of its own: the training recipe changes
     "aebnas_training_early_2": (["search_space=aebnas", "search=nsga2", "training.early_weight=2.0"],
                                 "aebnas_training_early_2"),
@@ -71,6 +72,8 @@ ABLATIONS = [  # (with the lever, without it, the lever): paired by seed and tar
     *[(m, f"{m}_finetune_lr_0.1", "fine-tuning lr 0.3 x the supernet's, not 0.1 (`finetune.lr_fraction`)")
       for m in ("aebnas", "static_nas")],
     ("aebnas", "aebnas_finetune_early_1", "fine-tuning early-exit loss weight 2, not 1 (`finetune.early_weight`)"),
+    ("aebnas", "aebnas_score_folds_1", "cross-fitted search scores (`thresholds.score_folds=2`), not thresholds "
+     "tuned and scored on the same val images"),
     *[(f"{m}_finetune_teacher", m, "distilling from the largest backbone, not the own final exit "
        "(`finetune.teacher=largest`)") for m in ("aebnas", "static_nas")],
     ("aebnas_training_early_2", "aebnas",
