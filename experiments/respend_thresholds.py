@@ -81,7 +81,8 @@ def probe(run_dir: str) -> list[dict]:
                 "variant": variant, "recorded_test_acc": recorded, "test_acc": float(tested.accuracy),
                 "val_acc": float(evaluate_policy(val.conf, val.correct, cum, thresholds).accuracy),
                 "relative_macs": float(tested.avg_macs / run.reference_macs),
-                "exit_saving": float(1 - tested.avg_macs / cum[-1]), "meets_target": bool(tested.avg_macs <= run.target)}
+                "exit_saving": float(1 - tested.avg_macs / cum[-1]),
+                "meets_target": bool(tested.avg_macs <= run.target)}
 
     records = [record("recipe", policy.thresholds)]
     for name, tols in TOLERANCES.items():
