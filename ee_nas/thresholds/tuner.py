@@ -123,16 +123,18 @@ class _Problem:
         self.norm = cum_macs[-1] if cum_macs[-1] > 0 else 1.0
         self.cands = [_candidates(conf[:, j], max_candidates) for j in range(self.k - 1)]
         self.rank = [np.searchsorted(c, conf[:, j], side="right") for j, c in enumerate(self.cands)]
+        # [N, K] ranks, the last exit's 1: exit j accepts under candidate p iff rank > p (the last always does)
+        self.ranks = np.stack(self.rank + [np.ones(self.n, np.int64)], axis=1)
+        self.never = max(len(c) for c in self.cands) if self.cands else 0  # no rank exceeds it
 
     def _thr(self, idx):
         return np.array([self.cands[j][i] for j, i in enumerate(idx)] + [-np.inf])
 
     def _fallback(self, idx, off):
         """Exit of each sample when exits in `off` never accept, and its (correct, MACs)."""
-        accept = self.conf >= self._thr(idx)[None, :]
-        accept[:, -1] = True
-        accept[:, off] = False
-        e = accept.argmax(axis=1)
+        limit = np.append(np.asarray(idx, np.int64), 0)
+        limit[off] = self.never
+        e = (self.ranks > limit).argmax(axis=1)  # the same as comparing confidences with thresholds, faster
         return e, self.correct[self.rows, e], self.cm[e]
 
     def outcome(self, idx):
@@ -177,7 +179,7 @@ class _Problem:
         ok = m <= cap
         if not ok.any():
             return None, None
-        score = np.where(ok, np.round(a - lam * m / self.norm, 9), -np.inf)
+        score = np.where(ok, np.round(a - lam * m / self.norm, 9) if lam else a, -np.inf)  # lam 0: the counts
         top = score == score.max()
         top &= a == a[top].max()
         b = int(np.flatnonzero(top)[np.argmax(self.sign * m[top])])
