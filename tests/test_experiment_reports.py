@@ -68,8 +68,8 @@ def test_hard_final_loss_weights_the_samples_the_early_exits_are_unsure_of():
     assert grad[0] < 1e-2 * grad[1:].min()
 
 
-def test_respend_finds_the_costliest_policy_within_tolerance_as_exhaustive_search_does():
-    import respend_thresholds
+def test_rescore_spending_finds_the_costliest_policy_within_tolerance_as_exhaustive_search_does():
+    import rescore_policies
 
     from ee_nas.thresholds import evaluate_policy, tune_thresholds
 
@@ -80,7 +80,7 @@ def test_respend_finds_the_costliest_policy_within_tolerance_as_exhaustive_searc
     base = tune_thresholds(conf, correct, cum, 2.6, ties="cheap")
     costs = []
     for tol, budget in ((0, 2.6), (1, 2.6), (4, 2.6), (4, 1.5)):
-        thr = respend_thresholds.spend_within(conf, correct, cum, budget, base.thresholds[:-1], tol, 256)
+        thr = rescore_policies.spend_within(conf, correct, cum, budget, base.thresholds[:-1], tol, 256)
         got = evaluate_policy(conf, correct, cum, thr)
         # one early exit: every policy is one threshold among the observed confidences (or +inf)
         allowed = [p for p in (evaluate_policy(conf, correct, cum, np.array([t, 0.0]))
@@ -90,3 +90,38 @@ def test_respend_finds_the_costliest_policy_within_tolerance_as_exhaustive_searc
         assert got.accuracy >= base.accuracy - tol / 60 - 1e-12 and got.avg_macs >= base.avg_macs
         costs.append(got.avg_macs)
     assert costs[0] < costs[1] < costs[2] and costs[3] <= 1.5  # each image of tolerance buys more spend
+
+
+def test_grow_tail_grows_only_what_follows_the_last_early_exit(make_backbone, make_space):
+    from ee_nas.hardware.macs import CostModel
+    from ee_nas.models.multi_exit import MultiExitSupernet
+
+    backbone = make_backbone("mobilenetv3_small")
+    space = make_space(backbone, "aebnas")
+    costs = CostModel(MultiExitSupernet(backbone, space))
+    largest = space.largest_backbone()
+    rng, grown = np.random.default_rng(0), 0
+    for _ in range(20):
+        genome = space.sample(rng)
+        big = refinetune_variants.grow_tail(space, genome)
+        before, after = costs.costs(genome).cum_macs, costs.costs(big).cum_macs
+        np.testing.assert_array_equal(after[:-1], before[:-1])  # the early exits cost what they did: same prefix
+        tail = slice(max(genome.taps) + 1, None)
+        assert big.exits == genome.exits and big.expands[tail] == largest.expands[tail]
+        assert refinetune_variants.grow_tail(space, big) == big and after[-1] >= before[-1]
+        grown += after[-1] > before[-1]
+    assert grown > 10
+    assert refinetune_variants.grow_tail(space, largest) == largest  # no early exit: nothing to grow after
+
+
+def test_exit_ensembles_average_the_exits_a_sample_has_passed():
+    import rescore_policies
+
+    logits = np.random.default_rng(0).normal(size=(5, 3, 4)) * 3
+    logp = torch.log_softmax(torch.from_numpy(logits), -1).numpy()
+    geo, prob, final = (rescore_policies.ensemble(logits, k) for k in ("geo", "prob", "final"))
+    np.testing.assert_allclose(geo[:, 0], logp[:, 0])  # the first exit has nothing to average with
+    np.testing.assert_allclose(geo[:, 2], logp.mean(1))
+    np.testing.assert_allclose(np.exp(prob[:, 1]), np.exp(logp[:, :2]).mean(1))
+    np.testing.assert_allclose(final[:, :2], logp[:, :2])  # only the final exit changes
+    np.testing.assert_allclose(final[:, 2], logp.mean(1))

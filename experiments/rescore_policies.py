@@ -1,17 +1,20 @@
-"""Would the deployed exit policy do better spending more of its budget? Rescored on the chosen networks.
+"""Would another exit policy do better on the chosen networks? Rescored without training anything.
 
-    python experiments/respend_thresholds.py --runs /tmp/iso/runs --out experiments/results/respend_digits
+    python experiments/rescore_policies.py --runs /tmp/iso/runs --out experiments/results/rescore_digits
 
-On digits, many threshold settings reach the best val accuracy and the tuner stops short of the target: the
-aebnas networks of the iso-cost sweep spend 0.31 of the largest backbone's MACs at targets of 0.25-0.5.
 Each finished aebnas run directory of a `compare_baselines.py --runs DIR` sweep is loaded with its
 fine-tuned weights (`subnet.pt`), its policy re-tuned on val as the run did it (`recipe`: it must reproduce the
-recorded test accuracy), then moved by coordinate ascent to the costliest policy whose val accuracy stays
-within `tol` images of the recipe's:
+recorded test accuracy), then changed in one way at a time, re-tuned on val where the change asks for it:
 
-- `spend_tolN`: under the run's own budget (the target, or the exit-saving floor where that is lower, less
-  `thresholds.cost_margin`);
-- `nofloor_tolN`: under the target less the margin only (the exit-saving floor dropped).
+- spending more: on digits, many threshold settings reach the best val accuracy and the tuner stops short
+  of the target (0.31 of the largest backbone's MACs at targets of 0.25-0.5). Coordinate ascent moves the
+  recipe to the costliest policy whose val accuracy stays within `tol` images of it, `spend_tolN` under the
+  run's own budget (the target, or the exit-saving floor where that is lower, less `thresholds.cost_margin`),
+  `nofloor_tolN` under the target less the margin only (the exit-saving floor dropped);
+- `measure_entropy`, `measure_margin`: the other confidence measures (`thresholds.measure`);
+- exit ensembles, free for a sample that reaches exit k, whose earlier exits all ran: exit k answers with the
+  mean of the log-probabilities (`ensemble_geo`) or probabilities (`ensemble_prob`) of exits 1..k, or only
+  the final exit does (`ensemble_final`).
 
 Writes `<out>.json` (one record per run and variant) and `<out>.md`: per variant, the change against the
 recipe and the paired difference to the recorded static_nas runs of the same sweep, per seed set found.
@@ -29,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 TOLERANCES = {"spend": (1, 2, 3), "nofloor": (0, 1, 2)}
+MEASURES = ("entropy", "margin")
+ENSEMBLES = ("geo", "prob", "final")
 
 
 def spend_within(conf, correct, cum, budget: float, thresholds, tol: int, max_candidates: int) -> np.ndarray:
@@ -53,13 +58,29 @@ def spend_within(conf, correct, cum, budget: float, thresholds, tol: int, max_ca
     return pb._thr(idx)
 
 
+def ensemble(logits: np.ndarray, kind: str) -> np.ndarray:
+    """Per-exit log-probabilities [N, K, C] of an exit ensemble (module docstring)."""
+    from scipy.special import log_softmax
+
+    logp = log_softmax(logits.astype(np.float64), axis=-1)
+    count = np.arange(1, logp.shape[1] + 1)[None, :, None]
+    if kind == "geo":
+        return np.cumsum(logp, 1) / count
+    if kind == "prob":
+        return np.log(np.cumsum(np.exp(logp), 1) / count)
+    out = logp.copy()
+    out[:, -1] = logp.mean(1)
+    return out
+
+
 def probe(run_dir: str) -> list[dict]:
     import torch
 
     from ee_nas.genome import Genome
     from ee_nas.pipeline import tune_on_val
     from ee_nas.select import load_run
-    from ee_nas.thresholds import evaluate_policy
+    from ee_nas.search.evaluator import ExitOutputs
+    from ee_nas.thresholds import confidence, evaluate_policy
 
     torch.set_num_threads(int(os.environ.get("PROBE_THREADS", "1")))
     method, target, seed = re.search(r"(\w+)/t([\d.]+)/seed(\d+)$", run_dir.rstrip("/")).groups()
@@ -75,7 +96,7 @@ def probe(run_dir: str) -> list[dict]:
     budgets = {"spend": run.evaluator.exit_target(genome, run.target) * (1 - margin),
                "nofloor": run.target * (1 - margin)}
 
-    def record(variant: str, thresholds) -> dict:
+    def record(variant: str, thresholds, val=val, test=test) -> dict:
         tested = evaluate_policy(test.conf, test.correct, cum, thresholds)
         return {"method": method, "target_fraction": float(target), "seed": int(seed), "run_dir": run_dir,
                 "variant": variant, "recorded_test_acc": recorded, "test_acc": float(tested.accuracy),
@@ -88,6 +109,15 @@ def probe(run_dir: str) -> list[dict]:
     for name, tols in TOLERANCES.items():
         records += [record(f"{name}_tol{tol}", spend_within(val.conf, val.correct, cum, budgets[name],
                                                            policy.thresholds[:-1], tol, candidates)) for tol in tols]
+
+    def retuned(variant: str, measure: str, transform) -> dict:
+        """The policy re-tuned on val with the exits' outputs changed by `transform`, scored likewise."""
+        v, t = (ExitOutputs(confidence(z, measure), z.argmax(-1) == o.labels[:, None], z, o.labels)
+                for o in (val, test) for z in [transform(o.logits)])
+        return record(variant, tune_on_val(run.cfg, run.evaluator, genome, v, run.target).thresholds, v, t)
+
+    records += [retuned(f"measure_{m}", m, lambda z: z) for m in MEASURES]
+    records += [retuned(f"ensemble_{e}", run.cfg.thresholds.measure, lambda z, e=e: ensemble(z, e)) for e in ENSEMBLES]
     return records
 
 
@@ -119,7 +149,7 @@ def main() -> None:
     parser.add_argument("--static", type=Path, nargs="*", default=[],
                         help="iso-cost JSON files whose static_nas records to pair with")
     parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "respend_digits")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rescore_digits")
     args = parser.parse_args()
     dirs = sorted(str(p) for root in args.runs for p in root.glob("aebnas/t*/seed*") if (p / "subnet.pt").exists())
     if not dirs:
@@ -135,7 +165,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, "records": records}, indent=1) + "\n")
     table = report(records, static)
-    args.out.with_suffix(".md").write_text(f"# Spending more of the budget: {len(dirs)} chosen aebnas networks\n\n"
+    args.out.with_suffix(".md").write_text(f"# Other exit policies: {len(dirs)} chosen aebnas networks\n\n"
                                            f"`{command}`\n\n{__doc__.split(chr(10) * 2, 2)[2]}\n{table}\n")
     print(table)
 
