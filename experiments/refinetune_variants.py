@@ -16,7 +16,11 @@ thresholds re-tuned on val and scored on test, as `ee_nas.run` does:
   max-softmax, detached, normalized to mean 1): the final exit only sees the samples no early exit took;
 - `best_val`, `best_val_or_inherited`: the recipe's epoch-end weights (BatchNorm recalibrated) of the epoch
   with the best val accuracy after threshold tuning (ties: the later epoch), without / with the
-  inherited weights as epoch 0 (early stopping on val; each epoch's scores are in the records).
+  inherited weights as epoch 0 (early stopping on val; each epoch's scores are in the records);
+- `grow_tail`: the backbone after the last early exit grown to its largest (depth, expansion, kernel) where the
+  network's val policy affords it under its budget (the tail runs only for the few samples no early exit took,
+  and val accuracy is blind to it, so the search picks it by noise), then fine-tuned as the recipe; a network
+  it cannot grow (too costly, already largest, or no early exit) keeps the recipe's result (`grown: false`).
 
 Writes `<out>.json` (one record per run and variant) and `<out>.md`: per variant, each method's mean
 test accuracy and its change against the recorded runs, the paired aebnas − static_nas difference
@@ -40,7 +44,7 @@ import numpy as np
 
 AVERAGES = ("swa_half", "swa_all", "wise0.5", "wise0.75")
 EPOCH_CHOICES = ("best_val", "best_val_or_inherited")
-VARIANTS = ("recipe", *AVERAGES, "teacher", "hard_final", *EPOCH_CHOICES)
+VARIANTS = ("recipe", *AVERAGES, "teacher", "hard_final", *EPOCH_CHOICES, "grow_tail")
 
 
 def _average(states: list[dict]) -> dict:
@@ -64,6 +68,33 @@ def _hard_final_loss(self, logits, y, teacher):
         w = w / w.mean()
     ce = F.cross_entropy(logits[-1], y, reduction="none")
     return loss + self.final_weight * ((w * ce).mean() - ce.mean())
+
+
+def grow_tail(space, genome):
+    """`genome` with every block after its last early exit's tap at the space's largest choices (the same
+    genome without early exits): the early exits, and so their outputs and exit rates, do not change."""
+    from ee_nas.genome import Genome
+
+    if not genome.exits:
+        return genome
+    tap = max(genome.taps)
+    stage = space.block_stage[tap]
+    return space.validate(Genome(
+        [d if s < stage else space.stage_depths[s] for s, d in enumerate(genome.depths)],
+        [e if b <= tap else space.expand_choices[-1] for b, e in enumerate(genome.expands)],
+        [k if b <= tap else space.kernel_choices[-1] for b, k in enumerate(genome.kernels)], genome.exits))
+
+
+def _grown(run, genome):
+    """The grown genome if the network's val policy (inherited weights) affords it, else None."""
+    from ee_nas.pipeline import tune_on_val
+
+    big = grow_tail(run.supernet.space, genome)
+    if big.key() == genome.key():
+        return None
+    policy = tune_on_val(run.cfg, run.evaluator, genome, run.evaluator.outputs(genome, ("val",))["val"], run.target)
+    budget = run.evaluator.exit_target(big, run.target) * (1 - run.cfg.thresholds.get("cost_margin", 0.0))
+    return big if float(policy.exit_rates @ run.evaluator.cum_cost(big)) <= budget else None
 
 
 def _finetune(run, genome, teacher: str = "self", exit_loss=None) -> tuple:
@@ -143,6 +174,10 @@ def probe(run_dir: str, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
     if "teacher" in variants:
         net, _, _ = _finetune(run, genome, "largest")
         records.append({**base, "variant": "teacher", **_score(run, genome, net)})
+    if "grow_tail" in variants:
+        big = _grown(run, genome)
+        grown = _score(run, big, _finetune(run, big)[0]) if big is not None else records[0]
+        records.append({**base, **grown, "variant": "grow_tail", "grown": big is not None})
     print(f"[done] {method} t{target} seed{seed}: {time.perf_counter() - started:.0f} s", flush=True)
     return records
 
