@@ -125,3 +125,18 @@ def test_exit_ensembles_average_the_exits_a_sample_has_passed():
     np.testing.assert_allclose(np.exp(prob[:, 1]), np.exp(logp[:, :2]).mean(1))
     np.testing.assert_allclose(final[:, :2], logp[:, :2])  # only the final exit changes
     np.testing.assert_allclose(final[:, 2], logp.mean(1))
+
+
+def test_default_run_benchmark_reads_gnu_time_and_reports_the_sample_std():
+    import bench_default_run
+
+    report = "\tElapsed (wall clock) time (h:mm:ss or m:ss): {}\n\tMaximum resident set size (kbytes): 1332044\n"
+    assert bench_default_run.gnu_time(report.format("2:59.77")) == {"wall_s": 179.77,
+                                                                   "peak_rss_bytes": 1332044 * 1024}
+    assert bench_default_run.gnu_time(report.format("1:02:03.50"))["wall_s"] == 3723.5
+    with pytest.raises(ValueError):
+        bench_default_run.gnu_time("Command exited with non-zero status 1")
+    records = [{"seed": s, "test_acc": acc, "relative_macs": 0.3, "exit_saving": 0.5, "wall_s": w,
+                "peak_rss_bytes": 1.4e9} for s, acc, w in ((0, 0.98, 170.0), (1, 0.99, 180.0))]
+    last = bench_default_run.table(records).splitlines()[-1]
+    assert last.startswith("| mean ± std | 98.50 ± 0.71 |") and "175 ± 7 |" in last  # std with ddof=1
