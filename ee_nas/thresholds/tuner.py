@@ -110,22 +110,22 @@ def _candidates(col: np.ndarray, max_candidates: int) -> np.ndarray:
 class _Problem:
     """Cached candidates and per-sample candidate ranks; scores one or two exits exactly.
 
-    rank[j][n] = number of candidates <= conf[n, j], so sample n leaves at j under
+    rank[n, j] = number of candidates <= conf[n, j], so sample n leaves at j under
     candidate p iff rank > p: sums over "rank > p" for all p are total minus the
     cumulative sum of a bincount (for two exits, of a 2-D histogram).
     """
 
     def __init__(self, conf, correct, cum_macs, max_candidates, spend: bool = False):
-        self.conf, self.correct, self.cm = conf, correct.astype(np.int64), cum_macs
+        self.correct, self.cm = correct.astype(np.int64), cum_macs
         self.sign = 1.0 if spend else -1.0  # ties in accuracy: more MACs (spend) or fewer
         self.n, self.k = correct.shape
         self.rows = np.arange(self.n)
         self.norm = cum_macs[-1] if cum_macs[-1] > 0 else 1.0
         self.cands = [_candidates(conf[:, j], max_candidates) for j in range(self.k - 1)]
-        self.rank = [np.searchsorted(c, conf[:, j], side="right") for j, c in enumerate(self.cands)]
-        # [N, K] ranks, the last exit's 1: exit j accepts under candidate p iff rank > p (the last always does)
-        self.ranks = np.stack(self.rank + [np.ones(self.n, np.int64)], axis=1)
-        self.never = max(len(c) for c in self.cands) if self.cands else 0  # no rank exceeds it
+        # [N, K], the last exit's 1 (it always accepts). A rank is at most N (the candidates are at most N
+        # confidences and +inf), so a limit of N never accepts.
+        self.rank = np.stack([np.searchsorted(c, conf[:, j], side="right") for j, c in enumerate(self.cands)]
+                             + [np.ones(self.n, np.int64)], axis=1)
 
     def _thr(self, idx):
         return np.array([self.cands[j][i] for j, i in enumerate(idx)] + [-np.inf])
@@ -133,8 +133,8 @@ class _Problem:
     def _fallback(self, idx, off):
         """Exit of each sample when exits in `off` never accept, and its (correct, MACs)."""
         limit = np.append(np.asarray(idx, np.int64), 0)
-        limit[off] = self.never
-        e = (self.ranks > limit).argmax(axis=1)  # the same as comparing confidences with thresholds, faster
+        limit[off] = self.n
+        e = (self.rank > limit).argmax(axis=1)  # the same as comparing confidences with thresholds, faster
         return e, self.correct[self.rows, e], self.cm[e]
 
     def outcome(self, idx):
@@ -149,7 +149,7 @@ class _Problem:
         out = []
         for z, v in ((za, self.correct[:, j]), (zm, self.cm[j])):
             g = np.where(e > j, v - z, 0)  # reached j and did not leave: gain of leaving there
-            out.append(z.sum() + g.sum() - np.cumsum(np.bincount(self.rank[j], g, m)))
+            out.append(z.sum() + g.sum() - np.cumsum(np.bincount(self.rank[:, j], g, m)))
         return np.rint(out[0]).astype(np.int64), out[1]
 
     def pair(self, idx, i, j):
@@ -159,7 +159,7 @@ class _Problem:
                     = G_i - C_i[p] + C_j[p] - C2[p, q]   (C: cumulative sums over ranks)."""
         e, za, zm = self._fallback(idx, [i, j])
         mi, mj = len(self.cands[i]), len(self.cands[j])
-        a, b = self.rank[i], self.rank[j]
+        a, b = self.rank[:, i], self.rank[:, j]
         out = []
         for z, vi, vj in ((za, self.correct[:, i], self.correct[:, j]), (zm, self.cm[i], self.cm[j])):
             gi = np.where(e > i, vi - z, 0)  # reached i: gain of leaving there
