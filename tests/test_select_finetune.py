@@ -233,9 +233,11 @@ def latency_run(tmp_path_factory):
     os.environ["EE_NAS_CACHE"] = str(cache)  # the run's LUT, found again by select/finetune
     try:
         run_dir = tmp_path_factory.mktemp("latency_run")
-        # debug-sized: the costs and thresholds are under test here, not the accuracy
-        overrides = (*FAST, "hardware=local_cpu", "predictor=none", "trainer.max_epochs=1",
-                     "++trainer.limit_train_batches=1", "data.image_size=16")
+        # debug-sized: the costs and thresholds are under test here, not the accuracy. At 16x16 the fixed costs
+        # (stem, head, exit decision) dominate, so the 8 candidates cost 0.86-1.17 of half the largest backbone's
+        # latency, and on CI once none met it: a budget of 0.75 keeps the test about the latency path, not luck
+        overrides = (*FAST, "hardware=local_cpu", "hardware.target_fraction=0.75", "predictor=none",
+                     "trainer.max_epochs=1", "++trainer.limit_train_batches=1", "data.image_size=16")
         # this machine's LUT, timed with few repeats (the run would take 15): the run finds it in the cache
         cfg = compose_run(run_dir, *overrides)
         LatencyTable.from_profile(build_supernet(cfg, 1, 10).eval(), instantiate(cfg.hardware), repeats=3,
