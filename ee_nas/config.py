@@ -130,7 +130,7 @@ def _one_of(value, key: str, valid) -> None:
 # -- the project's own rules: ranges and combinations ------------------------------------------------------
 #: (group, lowest value, keys): integer and weight ranges
 AT_LEAST = [("data", 1, "batch_size", "eval_batch_size", "image_size"), ("data", 0, "num_workers"),
-            ("data.augment", 0, "random_crop_padding"), ("search", 2, "pop_size"),
+            ("search", 2, "pop_size"),
             ("search", 1, "n_generations", "n_per_iteration"), ("search", 0, "n_largest"),
             ("search_space", 0, "min_exits"),
             ("search_space.branch", 0, "min_layers"), ("thresholds", 2, "sweep_points", "max_candidates"),
@@ -210,9 +210,16 @@ def _check_top(cfg: DictConfig, t: dict, device: str) -> None:
     early = cfg.finetune.get("early_weight")
     _check(early is None or isinstance(early, (int, float)) and early >= 0, "finetune.early_weight", early,
            "must be null (training.early_weight) or >= 0")
+    from ee_nas.data.base import DataError, check_augment
     from ee_nas.finetune import TEACHERS
 
     _one_of(cfg.finetune.get("teacher", "self"), "finetune.teacher", TEACHERS)
+    for key, augment in (("data.augment", _resolve(cfg, "data").get("augment")),
+                         ("finetune.augment", cfg.finetune.get("augment"))):
+        try:
+            check_augment(augment, key)
+        except DataError as err:
+            raise ConfigError(f"config error: {err}") from None
     _check(not cfg.arch or Path(cfg.arch).is_file(), "arch", cfg.arch, "must be the path of an existing arch.yaml")
     _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is not None, "evaluation.device", device,
            "valid: auto, cpu, cuda, cuda:N")

@@ -120,7 +120,7 @@ def finetune(run_dir: str | Path, arch: str | Path | None = None, epochs: int = 
     before = evaluate_subnet(run, genome, net)
     training = OmegaConf.to_container(run.cfg.training, resolve=True)
     options = run.cfg.get("finetune", {})
-    net, lr = finetune_net(net, run.datamodule.train_dataloader(), training, epochs, lr,
+    net, lr = finetune_net(net, run.datamodule.train_dataloader(options.get("augment")), training, epochs, lr,
                            options.get("lr_fraction", LR_FRACTION), options.get("early_weight", EARLY_WEIGHT),
                            run.evaluator.device, run.evaluator.calibration, run.datamodule.eval_batch_size,
                            logger=CSVLogger(out, name="csv"),

@@ -17,6 +17,9 @@ RESUME_IRRELEVANT = ("paths", "logger", "callbacks", "name", "resume", "evaluati
                      "data.num_workers", "data.pin_memory", "data.download", "trainer.enable_progress_bar",
                      "trainer.enable_model_summary", "trainer.log_every_n_steps")
 RESULTS = ("summary.json", "archive.json", "checkpoints/last.ckpt")
+#: keys added after runs were made, at the value that does what those runs did: left out of the recorded config
+#: at that value, so that earlier runs still resume and lend their supernets (`supernet_from`)
+NEUTRAL_DEFAULTS = {"data.augment.rotation_degrees": 0, "data.augment.scale": 0, "finetune.augment": None}
 
 
 class RunDirError(ConfigError):
@@ -37,6 +40,13 @@ def run_config(cfg: DictConfig) -> dict:
         group, _, leaf = key.partition(".")
         if leaf and isinstance(out.get(group), dict):
             out[group].pop(leaf, None)
+    for key, neutral in NEUTRAL_DEFAULTS.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == neutral and type(node[leaf]) is not bool:
+            del node[leaf]
     return out
 
 

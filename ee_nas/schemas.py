@@ -21,6 +21,8 @@ from omegaconf import MISSING
 class AugmentConf:
     random_crop_padding: int = 0
     horizontal_flip: bool = False
+    rotation_degrees: float = 0.0  # each training image rotated by up to +- this
+    scale: float = 0.0             # ... and scaled by 1 +- up to this, both about its centre, before the crop
 
 
 @dataclass

@@ -9,6 +9,7 @@ search/validation transforms).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from ee_nas.utils import mix_seed
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-AUGMENT_KEYS = {"random_crop_padding": 0, "horizontal_flip": False}
+AUGMENT_KEYS = {"random_crop_padding": 0, "horizontal_flip": False, "rotation_degrees": 0.0, "scale": 0.0}
 
 
 class DataError(ValueError):
@@ -38,6 +39,24 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return value
+
+
+def check_augment(augment: Mapping[str, Any], key: str = "data.augment") -> dict:
+    """`augment` over the defaults, its keys and ranges checked (`key` names it in the message)."""
+    augment = to_plain(augment) or {}
+    if not isinstance(augment, dict):
+        raise DataError(f"{key}={augment!r} must be a mapping of {sorted(AUGMENT_KEYS)}")
+    unknown = set(augment) - set(AUGMENT_KEYS)
+    if unknown:
+        raise DataError(f"unknown {key} keys {sorted(unknown)}; known: {sorted(AUGMENT_KEYS)}")
+    out = {**AUGMENT_KEYS, **augment}
+    for name, ok, rule in (("random_crop_padding", lambda v: v >= 0, ">= 0"),
+                           ("rotation_degrees", lambda v: 0 <= v <= 180, "in [0, 180]"),
+                           ("scale", lambda v: 0 <= v < 1, "in [0, 1): images are scaled by 1 +- scale")):
+        v = out[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise DataError(f"{key}.{name}={v!r} is invalid; must be a number {rule}")
+    return out
 
 
 def split_indices(
@@ -131,19 +150,33 @@ class _Transformed(Dataset):
         return self.transform(x, torch.default_generator), y  # plain indexing: the global RNG
 
 
+def rotate_scale(x: Tensor, degrees: float, scale: float) -> Tensor:
+    """Image `x` [C, H, W] rotated by `degrees` about its centre and scaled by `scale` (bilinear, zeros outside)."""
+    a = math.radians(degrees)
+    c, s = math.cos(a) / scale, math.sin(a) / scale
+    theta = torch.tensor([[[c, -s, 0.0], [s, c, 0.0]]], dtype=x.dtype)
+    grid = F.affine_grid(theta, [1, *x.shape], align_corners=False)
+    return F.grid_sample(x[None], grid, align_corners=False, padding_mode="zeros")[0]
+
+
 class SeededAugment:
-    """Random crop (zero padding) and horizontal flip drawn from a given generator, then normalize.
+    """Random rotation and scale, random crop (zero padding) and horizontal flip drawn from a given
+    generator, then normalize.
 
     The draws come from the sample's own generator, so augmentation depends on (seed, epoch,
-    sample) only. Evaluation transforms have neither and only normalize.
+    sample) only. Evaluation transforms have none of them and only normalize.
     """
 
-    def __init__(self, size: int, padding: int, flip: bool, mean: Sequence[float], std: Sequence[float]):
-        self.size, self.padding, self.flip = size, padding, flip
+    def __init__(self, size: int, padding: int, flip: bool, mean: Sequence[float], std: Sequence[float],
+                 degrees: float = 0.0, scale: float = 0.0):
+        self.size, self.padding, self.flip, self.degrees, self.scale = size, padding, flip, degrees, scale
         self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        if self.degrees > 0 or self.scale > 0:
+            u = (torch.rand(2, generator=generator) * 2 - 1).tolist()
+            x = rotate_scale(x, u[0] * self.degrees, 1 + u[1] * self.scale)
         if self.padding > 0:
             p = self.padding
             top, left = torch.randint(0, 2 * p + 1, (2,), generator=generator).tolist()
@@ -217,11 +250,7 @@ class ImageDataModule(L.LightningDataModule):
         self.image_size = int(image_size)
         self.mean = self._per_channel("mean", to_plain(mean) or self.default_mean)
         self.std = self._per_channel("std", to_plain(std) or self.default_std)
-        augment = to_plain(augment) or {}
-        unknown = set(augment) - set(AUGMENT_KEYS)
-        if unknown:
-            raise DataError(f"unknown data.augment keys {sorted(unknown)}; known: {sorted(AUGMENT_KEYS)}")
-        self.augment = {**AUGMENT_KEYS, **augment}
+        self.augment = check_augment(augment)
         if bad_data not in ("error", "skip"):
             raise DataError(f"data.bad_data={bad_data!r} must be 'error' or 'skip'")
         self.bad_data = bad_data
@@ -277,17 +306,20 @@ class ImageDataModule(L.LightningDataModule):
                                 f"num_classes={self.num_classes} (valid labels 0..{self.num_classes - 1}); "
                                 f"{len(bad)} of {len(labels)} {split} labels are out of range")
 
-    def _transform(self, train: bool) -> SeededAugment:
-        padding = int(self.augment["random_crop_padding"]) if train else 0
-        flip = bool(self.augment["horizontal_flip"]) and train
-        return SeededAugment(self.image_size, padding, flip, self.mean, self.std)
+    def _transform(self, train: bool, augment: Mapping[str, Any] | None = None) -> SeededAugment:
+        if not train:
+            return SeededAugment(self.image_size, 0, False, self.mean, self.std)
+        a = check_augment({**self.augment, **(to_plain(augment) or {})}, "augment")
+        return SeededAugment(self.image_size, int(a["random_crop_padding"]), bool(a["horizontal_flip"]), self.mean,
+                             self.std, float(a["rotation_degrees"]), float(a["scale"]))
 
-    def dataset(self, split: str, train_transforms: bool = False) -> Dataset:
-        """The split with normalization (and augmentation if `train_transforms`)."""
+    def dataset(self, split: str, train_transforms: bool = False, augment: Mapping[str, Any] | None = None) -> Dataset:
+        """The split with normalization (and augmentation if `train_transforms`: `data.augment`, with the keys
+        of `augment` in place of its own)."""
         if split not in SPLITS:
             raise DataError(f"split must be one of {SPLITS}, got {split!r}")
         self.setup()
-        return _Transformed(self._raw[split], self._transform(train_transforms))
+        return _Transformed(self._raw[split], self._transform(train_transforms, augment))
 
     def _loader(self, ds: Dataset, batch_size: int, sampler: Sampler | None = None,
                 drop_last: bool = False) -> DataLoader:
@@ -295,9 +327,10 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                           num_workers=self.num_workers, pin_memory=pin, persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled by (split_seed, epoch) with per-sample augmentation seeds (`EpochShuffle`)."""
-        ds = self.dataset("train", train_transforms=True)
+    def train_dataloader(self, augment: Mapping[str, Any] | None = None) -> DataLoader:
+        """Shuffled by (split_seed, epoch) with per-sample augmentation seeds (`EpochShuffle`); `augment`
+        overrides keys of `data.augment` for this loader (`finetune.augment`)."""
+        ds = self.dataset("train", train_transforms=True, augment=augment)
         # drop a last batch that could be 1 sample: BatchNorm fails on it in training
         drop_last = len(ds) > self.batch_size
         epoch, done = self._resume_position()

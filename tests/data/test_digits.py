@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ee_nas.data import DataError, DigitsDataModule
+from ee_nas.data.base import rotate_scale
 from ee_nas import CONF_DIR
 
 CONF = CONF_DIR / "data" / "digits.yaml"
@@ -92,11 +93,42 @@ def test_augmentation_only_on_train_loader():
     torch.testing.assert_close(no_aug.dataset("train", train_transforms=True)[3][0], no_aug.dataset("train")[3][0])
 
 
+def test_rotate_scale_turns_and_scales_about_the_centre():
+    x = torch.rand(1, 6, 6)
+    torch.testing.assert_close(rotate_scale(x, 0.0, 1.0), x)
+    torch.testing.assert_close(rotate_scale(x, 90.0, 1.0), torch.rot90(x, 1, (1, 2)), atol=1e-5, rtol=0)
+    dot = torch.zeros(1, 6, 6)
+    dot[0, 2:4, 2:4] = 1  # the centre 2x2 block
+    grown = rotate_scale(dot, 0.0, 2.0)
+    assert 3 * 4 < grown.sum() < 5 * 4 and grown[0, 2:4, 2:4].sum() == 4  # 2x the side: about 4x the area
+    torch.testing.assert_close(grown, grown.flip(1).flip(2))  # still centred
+
+
+def test_rotation_and_scale_augment_only_the_loader_asked_for_them():
+    dm = make(augment={"random_crop_padding": 0})
+    plain = next(iter(dm.train_dataloader()))[0]
+    turned = next(iter(dm.train_dataloader({"rotation_degrees": 12, "scale": 0.1})))[0]
+    assert turned.shape == plain.shape and not torch.allclose(turned, plain)
+    torch.testing.assert_close(next(iter(dm.train_dataloader()))[0], plain)  # the override is the loader's only
+    again = next(iter(dm.train_dataloader({"rotation_degrees": 12, "scale": 0.1})))[0]
+    torch.testing.assert_close(again, turned)  # seeded per (seed, epoch, sample), like the crop
+    g = torch.Generator().manual_seed(3)
+    u = (torch.rand(2, generator=g) * 2 - 1).tolist()  # the draws, in the order the transform makes them
+    x = dm._raw["train"][0][0]
+    expected = (rotate_scale(x, 12 * u[0], 1 + 0.1 * u[1]) - dm.mean[0]) / dm.std[0]
+    aug = dm.dataset("train", train_transforms=True, augment={"rotation_degrees": 12, "scale": 0.1}).transform
+    torch.testing.assert_close(aug(x, torch.Generator().manual_seed(3)), expected)
+
+
 def test_bad_config_fails_early():
     with pytest.raises(DataError, match="mean"):
         DigitsDataModule(mean=[0.1, 0.2, 0.3])
     with pytest.raises(DataError, match="random_crop"):
         DigitsDataModule(augment={"random_crop": 4})
+    with pytest.raises(DataError, match=r"data\.augment\.scale=1\.0 is invalid; must be a number in \[0, 1\)"):
+        DigitsDataModule(augment={"scale": 1.0})
+    with pytest.raises(DataError, match=r"augment\.rotation_degrees=-5 is invalid"):
+        make().train_dataloader({"rotation_degrees": -5})
     with pytest.raises(DataError, match="fraction"):
         DigitsDataModule(val_fraction=0.5, test_fraction=0.5)
     with pytest.raises(DataError, match="split"):
@@ -108,7 +140,7 @@ def test_yaml_instantiates():
     dm = instantiate(cfg.data)
     assert isinstance(dm, DigitsDataModule)
     assert dm.split_seed == 7 and dm.batch_size == 64 and dm.eval_batch_size == 512
-    assert dm.augment == {"random_crop_padding": 4, "horizontal_flip": False}
+    assert dm.augment == {"random_crop_padding": 4, "horizontal_flip": False, "rotation_degrees": 0.0, "scale": 0.0}
     assert dm.mean == DigitsDataModule(split_seed=7).mean  # the train split's statistics
 
 

@@ -72,7 +72,8 @@ def test_svhn_flip_off_cifar_flip_on(tmp_path, no_md5):
         CASES[ds][1](tmp_path / ds)
         dm = instantiate(cfg.data)
         assert dm.name == ds and dm.root == tmp_path / ds and dm.split_seed == 1
-        assert dm.augment == {"random_crop_padding": 4, "horizontal_flip": ds != "svhn"}
+        assert dm.augment == {"random_crop_padding": 4, "horizontal_flip": ds != "svhn", "rotation_degrees": 0.0,
+                              "scale": 0.0}
 
 
 @pytest.mark.parametrize("cls", [SVHNDataModule, CIFAR10DataModule, CIFAR100DataModule])

@@ -103,3 +103,22 @@ def test_results_without_a_config_record_are_kept(tmp_path):
     (tmp_path / "archive.json").write_text('{"records": []}')
     with pytest.raises(RunDirError, match="no run_config.json"):
         claim_run_dir(_cfg(tmp_path), tmp_path)
+
+
+def test_a_run_made_before_a_key_existed_resumes_while_the_key_keeps_its_neutral_value(tmp_path):
+    """Keys added later (`NEUTRAL_DEFAULTS`) at the value that does what earlier runs did leave the recorded config
+    as it was: such a run still resumes (and lends its supernet); any other value is a different config."""
+    from ee_nas.run_dir import NEUTRAL_DEFAULTS, config_hash, run_config
+
+    cfg = _cfg(tmp_path)
+    config = run_config(cfg)
+    assert "rotation_degrees" not in config["data"]["augment"] and "augment" not in config["finetune"]
+    (tmp_path / RUN_CONFIG).write_text(json.dumps({"config_hash": config_hash(config), "config": config}))
+    (tmp_path / "summary.json").write_text("{}")
+    claim_run_dir(cfg, tmp_path)  # the same config: resumes
+    claim_run_dir(_cfg(tmp_path, "data.augment.rotation_degrees=0", "finetune.augment=null"), tmp_path)
+    with pytest.raises(RunDirError, match=r"data.augment.rotation_degrees: '<unset>' -> 12"):
+        claim_run_dir(_cfg(tmp_path, "data.augment.rotation_degrees=12"), tmp_path)
+    with pytest.raises(RunDirError, match=r"finetune.augment.scale: '<unset>' -> 0.1"):
+        claim_run_dir(_cfg(tmp_path, "finetune.augment={scale:0.1}"), tmp_path)
+    assert set(NEUTRAL_DEFAULTS) >= {"data.augment.rotation_degrees", "data.augment.scale", "finetune.augment"}
