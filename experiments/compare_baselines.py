@@ -51,6 +51,9 @@ METHODS = {  # name -> (overrides, the method whose supernet it searches)
     "static_nas_finetune_teacher": (["search_space=static_nas", "search=nsga2", "finetune.teacher=largest"],
                                     "static_nas"),
     "aebnas_finetune_teacher": (["search_space=aebnas", "search=nsga2", "finetune.teacher=largest"], "aebnas"),
+    # ... and a random rotation and scale of the training images while fine-tuning (`finetune.augment`)
+    **{f"{m}_finetune_affine": ([f"search_space={m}", "search=nsga2", "finetune.augment={rotation_degrees:12,scale:0.1}"],
+                                m) for m in ("static_nas", "aebnas")},
     # the baseline with aebnas' other choice rule: checks that it got the stronger of the two
     "static_nas_within_noise": (["search_space=static_nas", "search=nsga2", "search.choose=within_noise"],
                                 "static_nas"),
@@ -76,6 +79,8 @@ ABLATIONS = [  # (with the lever, without it, the lever): paired by seed and tar
      "tuned and scored on the same val images"),
     *[(f"{m}_finetune_teacher", m, "distilling from the largest backbone, not the own final exit "
        "(`finetune.teacher=largest`)") for m in ("aebnas", "static_nas")],
+    *[(f"{m}_finetune_affine", m, "fine-tuning on rotated and scaled images (`finetune.augment`: +-12 degrees, "
+       "scale 0.9-1.1)") for m in ("aebnas", "static_nas")],
     ("aebnas_training_early_2", "aebnas",
      "supernet's early-exit loss weight 2, not 1 (`training.early_weight`; not kept)"),
 ]

@@ -21,6 +21,10 @@ thresholds re-tuned on val and scored on test, as `ee_nas.run` does:
   network's val policy affords it under its budget (the tail runs only for the few samples no early exit took,
   and val accuracy is blind to it, so the search picks it by noise), then fine-tuned as the recipe; a network
   it cannot grow (too costly, already largest, or no early exit) keeps the recipe's result (`grown: false`).
+- `affine`: fine-tuned with a random rotation (+-12 degrees) and scale (0.9-1.1) of each training image before
+  the recipe's random crop (`finetune.augment={rotation_degrees:12,scale:0.1}`): a larger chosen network may
+  overfit the 1,078 training digits more than a small one;
+- `teacher_affine`: both `teacher` and `affine` (the two levers that lift static_nas, together).
 
 Writes `<out>.json` (one record per run and variant) and `<out>.md`: per variant, each method's mean
 test accuracy and its change against the recorded runs, the paired aebnas − static_nas difference
@@ -44,7 +48,8 @@ import numpy as np
 
 AVERAGES = ("swa_half", "swa_all", "wise0.5", "wise0.75")
 EPOCH_CHOICES = ("best_val", "best_val_or_inherited")
-VARIANTS = ("recipe", *AVERAGES, "teacher", "hard_final", *EPOCH_CHOICES, "grow_tail")
+VARIANTS = ("recipe", *AVERAGES, "teacher", "hard_final", *EPOCH_CHOICES, "grow_tail", "affine", "teacher_affine")
+AFFINE = {"rotation_degrees": 12.0, "scale": 0.1}  # the `affine` variant's `finetune.augment`
 
 
 def _average(states: list[dict]) -> dict:
@@ -97,7 +102,7 @@ def _grown(run, genome):
     return big if float(policy.exit_rates @ run.evaluator.cum_cost(big)) <= budget else None
 
 
-def _finetune(run, genome, teacher: str = "self", exit_loss=None) -> tuple:
+def _finetune(run, genome, teacher: str = "self", exit_loss=None, augment: dict | None = None) -> tuple:
     """The run's fine-tuning of `genome` as `ee_nas.run` does it (`finetune_chosen`), with `finetune.teacher`
     set to `teacher` (and `exit_loss` in place of the module's, if given); the net, its inherited weights and
     its epoch-end weights."""
@@ -115,7 +120,8 @@ def _finetune(run, genome, teacher: str = "self", exit_loss=None) -> tuple:
     if exit_loss is not None:
         Probe.exit_loss = exit_loss
 
-    cfg = OmegaConf.merge(run.cfg, {"finetune": {"teacher": teacher}, "trainer": {"enable_progress_bar": False}})
+    cfg = OmegaConf.merge(run.cfg, {"finetune": {"teacher": teacher, "augment": augment},
+                                    "trainer": {"enable_progress_bar": False}})
     net = run.evaluator.subnet(genome)
     pre = {k: v.detach().clone() for k, v in net.state_dict().items()}
     original, lit.FinetuneModule = lit.FinetuneModule, Probe
@@ -178,6 +184,11 @@ def probe(run_dir: str, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
         big = _grown(run, genome)
         grown = _score(run, big, _finetune(run, big)[0]) if big is not None else records[0]
         records.append({**base, **grown, "variant": "grow_tail", "grown": big is not None})
+    if "affine" in variants:
+        records.append({**base, "variant": "affine", **_score(run, genome, _finetune(run, genome, augment=AFFINE)[0])})
+    if "teacher_affine" in variants:
+        net, _, _ = _finetune(run, genome, "largest", augment=AFFINE)
+        records.append({**base, "variant": "teacher_affine", **_score(run, genome, net)})
     print(f"[done] {method} t{target} seed{seed}: {time.perf_counter() - started:.0f} s", flush=True)
     return records
 
