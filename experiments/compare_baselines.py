@@ -52,8 +52,8 @@ METHODS = {  # name -> (overrides, the method whose supernet it searches)
                                     "static_nas"),
     "aebnas_finetune_teacher": (["search_space=aebnas", "search=nsga2", "finetune.teacher=largest"], "aebnas"),
     # ... and a random rotation and scale of the training images while fine-tuning (`finetune.augment`)
-    **{f"{m}_finetune_affine": ([f"search_space={m}", "search=nsga2", "finetune.augment={rotation_degrees:12,scale:0.1}"],
-                                m) for m in ("static_nas", "aebnas")},
+    **{f"{m}_finetune_affine": ([f"search_space={m}", "search=nsga2",
+                                 "finetune.augment={rotation_degrees:12,scale:0.1}"], m) for m in ("static_nas", "aebnas")},
     # the baseline with aebnas' other choice rule: checks that it got the stronger of the two
     "static_nas_within_noise": (["search_space=static_nas", "search=nsga2", "search.choose=within_noise"],
                                 "static_nas"),

@@ -104,8 +104,8 @@ def _grown(run, genome):
 
 def _finetune(run, genome, teacher: str = "self", exit_loss=None, augment: dict | None = None) -> tuple:
     """The run's fine-tuning of `genome` as `ee_nas.run` does it (`finetune_chosen`), with `finetune.teacher`
-    set to `teacher` (and `exit_loss` in place of the module's, if given); the net, its inherited weights and
-    its epoch-end weights."""
+    set to `teacher` and `finetune.augment` to `augment` (and `exit_loss` in place of the module's, if given);
+    the net, its inherited weights and its epoch-end weights."""
     from omegaconf import OmegaConf
 
     import ee_nas.lit_module as lit
