@@ -140,7 +140,17 @@ AT_LEAST = [("data", 1, "batch_size", "eval_batch_size", "image_size"), ("data",
             ("training", 0, "n_random", "final_weight", "early_weight", "distill_weight", "branch_lr_scale")]
 
 
+def _check_augment(augment, key: str) -> None:
+    from ee_nas.data.base import DataError, check_augment
+
+    try:
+        check_augment(augment, key)
+    except DataError as err:
+        raise ConfigError(f"config error: {err}") from None
+
+
 def _check_data(d: dict) -> None:
+    _check_augment(d.get("augment"), "data.augment")
     fractions = {n: d[n] for n in ("val_fraction", "test_fraction") if d.get(n) is not None}
     for n, f in fractions.items():
         _check(0 <= f < 1, f"data.{n}", f, "must be in [0, 1)")
@@ -210,16 +220,10 @@ def _check_top(cfg: DictConfig, t: dict, device: str) -> None:
     early = cfg.finetune.get("early_weight")
     _check(early is None or isinstance(early, (int, float)) and early >= 0, "finetune.early_weight", early,
            "must be null (training.early_weight) or >= 0")
-    from ee_nas.data.base import DataError, check_augment
     from ee_nas.finetune import TEACHERS
 
     _one_of(cfg.finetune.get("teacher", "self"), "finetune.teacher", TEACHERS)
-    for key, augment in (("data.augment", _resolve(cfg, "data").get("augment")),
-                         ("finetune.augment", cfg.finetune.get("augment"))):
-        try:
-            check_augment(augment, key)
-        except DataError as err:
-            raise ConfigError(f"config error: {err}") from None
+    _check_augment(cfg.finetune.get("augment"), "finetune.augment")
     _check(not cfg.arch or Path(cfg.arch).is_file(), "arch", cfg.arch, "must be the path of an existing arch.yaml")
     _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is not None, "evaluation.device", device,
            "valid: auto, cpu, cuda, cuda:N")

@@ -84,7 +84,8 @@ def finetune_chosen(cfg: DictConfig, net, genome: Genome, evaluator, datamodule,
     # before the seed: the teacher's BatchNorm recalibration runs in train mode, whose dropout draws random numbers
     teacher = make_teacher(evaluator, cfg.finetune.get("teacher", "self"))
     torch.manual_seed(cfg.seed)
-    finetune_net(net, datamodule.train_dataloader(cfg.finetune.get("augment")), OmegaConf.to_container(cfg.training, resolve=True), epochs,
+    finetune_net(net, datamodule.train_dataloader(cfg.finetune.get("augment")),
+                 OmegaConf.to_container(cfg.training, resolve=True), epochs,
                  cfg.finetune.get("lr"), cfg.finetune.lr_fraction, cfg.finetune.early_weight, evaluator.device,
                  evaluator.calibration, datamodule.eval_batch_size,
                  progress_bar=bool(cfg.trainer.get("enable_progress_bar", False)),

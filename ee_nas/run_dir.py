@@ -45,7 +45,7 @@ def run_config(cfg: DictConfig) -> dict:
         node = out
         for name in parents:
             node = node.get(name) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and node[leaf] == neutral and type(node[leaf]) is not bool:
+        if isinstance(node, dict) and leaf in node and node[leaf] == neutral:
             del node[leaf]
     return out
 

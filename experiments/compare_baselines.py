@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -133,6 +134,15 @@ def cheapest_fraction(method: str, overrides: list[str]) -> float:
     space = instantiate(cfg.search_space, backbone=bb)
     costs = CostModel(MultiExitSupernet(bb, space))
     return float(costs.costs(space.smallest()).cum_macs[0] / costs.costs(space.largest_backbone()).backbone_macs)
+
+
+def parse_run_dir(run_dir: str | Path) -> tuple[str, float, int]:
+    """(method, target fraction, seed) of a run directory `<runs>/<method>/t<target>/seed<seed>` of a sweep."""
+    found = re.search(r"(\w+)/t([\d.]+)/seed(\d+)$", str(run_dir).rstrip("/"))
+    if not found:
+        raise ValueError(f"{run_dir} is not a sweep's <method>/t<target>/seed<seed> run directory")
+    method, target, seed = found.groups()
+    return method, float(target), int(seed)
 
 
 def supernet_dir(args, owner: str, seed: int) -> Path:

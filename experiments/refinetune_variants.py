@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -148,11 +147,13 @@ def probe(run_dir: str, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
 
     torch.set_num_threads(int(os.environ.get("PROBE_THREADS", "1")))
     started = time.perf_counter()
-    method, target, seed = re.search(r"(\w+)/t([\d.]+)/seed(\d+)$", run_dir.rstrip("/")).groups()
+    from compare_baselines import parse_run_dir
+
+    method, target, seed = parse_run_dir(run_dir)
     run = load_run(run_dir, "cpu")
     genome = run.supernet.space.validate(Genome.load(Path(run_dir) / "arch.yaml"))
     recorded = json.loads((Path(run_dir) / "summary.json").read_text())["test_acc"]
-    base = {"method": method, "target_fraction": float(target), "seed": int(seed), "run_dir": run_dir,
+    base = {"method": method, "target_fraction": target, "seed": seed, "run_dir": run_dir,
             "recorded_test_acc": recorded}
     net, pre, snaps = _finetune(run, genome)
     records = [{**base, "variant": "recipe", **_score(run, genome, net)}]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -80,10 +79,12 @@ def probe(run_dir: str) -> list[dict]:
     from ee_nas.pipeline import tune_on_val
     from ee_nas.select import load_run
     from ee_nas.search.evaluator import ExitOutputs
-    from ee_nas.thresholds import confidence, evaluate_policy
+    from ee_nas.thresholds import evaluate_policy
 
     torch.set_num_threads(int(os.environ.get("PROBE_THREADS", "1")))
-    method, target, seed = re.search(r"(\w+)/t([\d.]+)/seed(\d+)$", run_dir.rstrip("/")).groups()
+    from compare_baselines import parse_run_dir
+
+    method, target, seed = parse_run_dir(run_dir)
     run = load_run(run_dir, "cpu")
     genome = run.supernet.space.validate(Genome.load(Path(run_dir) / "arch.yaml"))
     net = run.evaluator.subnet(genome)
@@ -98,7 +99,7 @@ def probe(run_dir: str) -> list[dict]:
 
     def record(variant: str, thresholds, val=val, test=test) -> dict:
         tested = evaluate_policy(test.conf, test.correct, cum, thresholds)
-        return {"method": method, "target_fraction": float(target), "seed": int(seed), "run_dir": run_dir,
+        return {"method": method, "target_fraction": target, "seed": seed, "run_dir": run_dir,
                 "variant": variant, "recorded_test_acc": recorded, "test_acc": float(tested.accuracy),
                 "val_acc": float(evaluate_policy(val.conf, val.correct, cum, thresholds).accuracy),
                 "relative_macs": float(tested.avg_macs / run.reference_macs),
@@ -112,8 +113,7 @@ def probe(run_dir: str) -> list[dict]:
 
     def retuned(variant: str, measure: str, transform) -> dict:
         """The policy re-tuned on val with the exits' outputs changed by `transform`, scored likewise."""
-        v, t = (ExitOutputs(confidence(z, measure), z.argmax(-1) == o.labels[:, None], z, o.labels)
-                for o in (val, test) for z in [transform(o.logits)])
+        v, t = (ExitOutputs.from_logits(transform(o.logits), o.labels, measure) for o in (val, test))
         return record(variant, tune_on_val(run.cfg, run.evaluator, genome, v, run.target).thresholds, v, t)
 
     records += [retuned(f"measure_{m}", m, lambda z: z) for m in MEASURES]

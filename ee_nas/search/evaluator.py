@@ -26,6 +26,10 @@ class ExitOutputs:
     logits: np.ndarray    # [N, K, C]
     labels: np.ndarray    # [N]
 
+    @classmethod
+    def from_logits(cls, logits: np.ndarray, labels: np.ndarray, measure: str) -> "ExitOutputs":
+        return cls(confidence(logits, measure), logits.argmax(-1) == labels[:, None], logits, labels)
+
 
 class SubnetEvaluator:
     def __init__(self, supernet, datamodule, cost_model: CostModel | None = None, measure: str = "max_softmax",
@@ -58,10 +62,7 @@ class SubnetEvaluator:
             x, y = self.datamodule.split_tensors(split)
             chunks = [torch.stack(net(x[i:i + self.datamodule.eval_batch_size].to(self.device)), 1).float().cpu()
                       for i in range(0, len(x), self.datamodule.eval_batch_size)]
-            logits = torch.cat(chunks).numpy()
-            labels = y.numpy()
-            out[split] = ExitOutputs(confidence(logits, self.measure), logits.argmax(-1) == labels[:, None],
-                                     logits, labels)
+            out[split] = ExitOutputs.from_logits(torch.cat(chunks).numpy(), y.numpy(), self.measure)
         return out
 
     def cum_cost(self, genome) -> np.ndarray:
