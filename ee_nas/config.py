@@ -141,10 +141,10 @@ AT_LEAST = [("data", 1, "batch_size", "eval_batch_size", "image_size"), ("data",
 
 
 def _check_augment(augment, key: str) -> None:
-    from ee_nas.data.base import DataError, check_augment
+    from ee_nas.data.base import DataError, check_augment, set_keys
 
     try:
-        check_augment(augment, key)
+        check_augment(set_keys(augment) if key.startswith("finetune") else augment, key)
     except DataError as err:
         raise ConfigError(f"config error: {err}") from None
 

@@ -52,9 +52,14 @@ METHODS = {  # name -> (overrides, the method whose supernet it searches)
     "static_nas_finetune_teacher": (["search_space=static_nas", "search=nsga2", "finetune.teacher=largest"],
                                     "static_nas"),
     "aebnas_finetune_teacher": (["search_space=aebnas", "search=nsga2", "finetune.teacher=largest"], "aebnas"),
-    # ... and a random rotation and scale of the training images while fine-tuning (`finetune.augment`)
+    # ... and a random rotation and scale of the training images while fine-tuning (`finetune.augment`), with the
+    # crop it was measured with
     **{f"{m}_finetune_affine": ([f"search_space={m}", "search=nsga2",
-                                 "finetune.augment={rotation_degrees:12,scale:0.1}"], m) for m in ("static_nas", "aebnas")},
+                                 "finetune.augment={random_crop_padding:4,rotation_degrees:12,scale:0.1}"], m)
+       for m in ("static_nas", "aebnas")},
+    # the fine-tuning before its crop was turned off: data.augment's crop, as in the supernet's training
+    **{f"{m}_finetune_crop": ([f"search_space={m}", "search=nsga2", "finetune.augment=null"], m)
+       for m in ("static_nas", "aebnas")},
     # the baseline with aebnas' other choice rule: checks that it got the stronger of the two
     "static_nas_within_noise": (["search_space=static_nas", "search=nsga2", "search.choose=within_noise"],
                                 "static_nas"),
@@ -76,6 +81,8 @@ ABLATIONS = [  # (with the lever, without it, the lever): paired by seed and tar
     *[(m, f"{m}_finetune_lr_0.1", "fine-tuning lr 0.3 x the supernet's, not 0.1 (`finetune.lr_fraction`)")
       for m in ("aebnas", "static_nas")],
     ("aebnas", "aebnas_finetune_early_1", "fine-tuning early-exit loss weight 2, not 1 (`finetune.early_weight`)"),
+    *[(m, f"{m}_finetune_crop", "fine-tuning without the random crop (`finetune.augment.random_crop_padding=0`), "
+       "not with data.augment's") for m in ("aebnas", "static_nas")],
     ("aebnas", "aebnas_score_folds_1", "cross-fitted search scores (`thresholds.score_folds=2`), not thresholds "
      "tuned and scored on the same val images"),
     *[(f"{m}_finetune_teacher", m, "distilling from the largest backbone, not the own final exit "

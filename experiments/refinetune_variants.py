@@ -24,7 +24,10 @@ thresholds re-tuned on val and scored on test, as `ee_nas.run` does:
 - `affine`: fine-tuned with a random rotation (+-12 degrees) and scale (0.9-1.1) of each training image before
   the recipe's random crop (`finetune.augment={rotation_degrees:12,scale:0.1}`): a larger chosen network may
   overfit the 1,078 training digits more than a small one;
-- `teacher_affine`: both `teacher` and `affine` (the two levers that lift static_nas, together).
+- `teacher_affine`: both `teacher` and `affine` (the two levers that lift static_nas, together);
+- `no_crop`: fine-tuned without the random crop (`finetune.augment={random_crop_padding:0}`): augmentation
+  cost aebnas more than static_nas, in the fine-tuning (`affine`) and in the supernet's training (README), and
+  the test digits are centred as the training ones are.
 
 Writes `<out>.json` (one record per run and variant) and `<out>.md`: per variant, each method's mean
 test accuracy and its change against the recorded runs, the paired aebnas − static_nas difference
@@ -47,7 +50,8 @@ import numpy as np
 
 AVERAGES = ("swa_half", "swa_all", "wise0.5", "wise0.75")
 EPOCH_CHOICES = ("best_val", "best_val_or_inherited")
-VARIANTS = ("recipe", *AVERAGES, "teacher", "hard_final", *EPOCH_CHOICES, "grow_tail", "affine", "teacher_affine")
+VARIANTS = ("recipe", *AVERAGES, "teacher", "hard_final", *EPOCH_CHOICES, "grow_tail", "affine", "teacher_affine",
+            "no_crop")
 AFFINE = {"rotation_degrees": 12.0, "scale": 0.1}  # the `affine` variant's `finetune.augment`
 
 
@@ -190,6 +194,9 @@ def probe(run_dir: str, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
     if "teacher_affine" in variants:
         net, _, _ = _finetune(run, genome, "largest", augment=AFFINE)
         records.append({**base, "variant": "teacher_affine", **_score(run, genome, net)})
+    if "no_crop" in variants:
+        net, _, _ = _finetune(run, genome, augment={"random_crop_padding": 0})
+        records.append({**base, "variant": "no_crop", **_score(run, genome, net)})
     print(f"[done] {method} t{target} seed{seed}: {time.perf_counter() - started:.0f} s", flush=True)
     return records
 

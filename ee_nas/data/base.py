@@ -59,6 +59,11 @@ def check_augment(augment: Mapping[str, Any], key: str = "data.augment") -> dict
     return out
 
 
+def set_keys(augment: Mapping[str, Any] | None) -> dict:
+    """The keys of an augment override (`finetune.augment`) that are set: null keeps data.augment's value."""
+    return {k: v for k, v in (to_plain(augment) or {}).items() if v is not None}
+
+
 def split_indices(
     labels: Sequence[int] | np.ndarray, fractions: Sequence[float], seed: int
 ) -> list[np.ndarray]:
@@ -309,7 +314,7 @@ class ImageDataModule(L.LightningDataModule):
     def _transform(self, train: bool, augment: Mapping[str, Any] | None = None) -> SeededAugment:
         if not train:
             return SeededAugment(self.image_size, 0, False, self.mean, self.std)
-        a = check_augment({**self.augment, **(to_plain(augment) or {})}, "augment")
+        a = check_augment({**self.augment, **set_keys(augment)}, "augment")
         return SeededAugment(self.image_size, int(a["random_crop_padding"]), bool(a["horizontal_flip"]), self.mean,
                              self.std, float(a["rotation_degrees"]), float(a["scale"]))
 
@@ -329,7 +334,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self, augment: Mapping[str, Any] | None = None) -> DataLoader:
         """Shuffled by (split_seed, epoch) with per-sample augmentation seeds (`EpochShuffle`); `augment`
-        overrides keys of `data.augment` for this loader (`finetune.augment`)."""
+        overrides keys of `data.augment` for this loader (`finetune.augment`; a null key keeps data.augment's)."""
         ds = self.dataset("train", train_transforms=True, augment=augment)
         # drop a last batch that could be 1 sample: BatchNorm fails on it in training
         drop_last = len(ds) > self.batch_size

@@ -120,6 +120,17 @@ def test_rotation_and_scale_augment_only_the_loader_asked_for_them():
     torch.testing.assert_close(aug(x, torch.Generator().manual_seed(3)), expected)
 
 
+def test_a_null_key_of_the_override_keeps_data_augment_and_crop_0_turns_the_crop_off():
+    """finetune.augment's default: the crop off, the other keys null (data.augment's values)."""
+    dm = make(augment={"random_crop_padding": 4})
+    cropped = next(iter(dm.train_dataloader()))[0]
+    nulls = {"random_crop_padding": None, "horizontal_flip": None, "rotation_degrees": None, "scale": None}
+    torch.testing.assert_close(next(iter(dm.train_dataloader(nulls)))[0], cropped)
+    centred = next(iter(dm.train_dataloader({**nulls, "random_crop_padding": 0})))[0]
+    torch.testing.assert_close(centred, next(iter(make(augment={"random_crop_padding": 0}).train_dataloader()))[0])
+    assert not torch.allclose(centred, cropped)
+
+
 def test_bad_config_fails_early():
     with pytest.raises(DataError, match="mean"):
         DigitsDataModule(mean=[0.1, 0.2, 0.3])

@@ -110,7 +110,7 @@ def test_a_run_made_before_a_key_existed_resumes_while_the_key_keeps_its_neutral
     as it was: such a run still resumes (and lends its supernet); any other value is a different config."""
     from ee_nas.run_dir import NEUTRAL_DEFAULTS, config_hash, run_config
 
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, "finetune.augment=null")  # the fine-tuning's crop off is a later, non-neutral default
     config = run_config(cfg)
     assert "rotation_degrees" not in config["data"]["augment"] and "augment" not in config["finetune"]
     (tmp_path / RUN_CONFIG).write_text(json.dumps({"config_hash": config_hash(config), "config": config}))
@@ -118,7 +118,7 @@ def test_a_run_made_before_a_key_existed_resumes_while_the_key_keeps_its_neutral
     claim_run_dir(cfg, tmp_path)  # the same config: resumes
     claim_run_dir(_cfg(tmp_path, "data.augment.rotation_degrees=0", "finetune.augment=null"), tmp_path)
     with pytest.raises(RunDirError, match=r"data.augment.rotation_degrees: '<unset>' -> 12"):
-        claim_run_dir(_cfg(tmp_path, "data.augment.rotation_degrees=12"), tmp_path)
-    with pytest.raises(RunDirError, match=r"finetune.augment.scale: '<unset>' -> 0.1"):
-        claim_run_dir(_cfg(tmp_path, "finetune.augment={scale:0.1}"), tmp_path)
+        claim_run_dir(_cfg(tmp_path, "data.augment.rotation_degrees=12", "finetune.augment=null"), tmp_path)
+    with pytest.raises(RunDirError, match=r"finetune.augment.random_crop_padding: '<unset>' -> 0"):
+        claim_run_dir(_cfg(tmp_path), tmp_path)  # the default fine-tuning (no crop) is not the earlier one
     assert set(NEUTRAL_DEFAULTS) >= {"data.augment.rotation_degrees", "data.augment.scale", "finetune.augment"}
