@@ -141,10 +141,10 @@ AT_LEAST = [("data", 1, "batch_size", "eval_batch_size", "image_size"), ("data",
 
 
 def _check_augment(augment, key: str) -> None:
-    from ee_nas.data.base import DataError, check_augment, set_keys
+    from ee_nas.data.base import DataError, check_augment
 
     try:
-        check_augment(set_keys(augment) if key.startswith("finetune") else augment, key)
+        check_augment(augment, key)
     except DataError as err:
         raise ConfigError(f"config error: {err}") from None
 
@@ -223,7 +223,9 @@ def _check_top(cfg: DictConfig, t: dict, device: str) -> None:
     from ee_nas.finetune import TEACHERS
 
     _one_of(cfg.finetune.get("teacher", "self"), "finetune.teacher", TEACHERS)
-    _check_augment(cfg.finetune.get("augment"), "finetune.augment")
+    from ee_nas.data.base import set_keys
+
+    _check_augment(set_keys(cfg.finetune.get("augment")), "finetune.augment")  # null keys: data.augment's
     _check(not cfg.arch or Path(cfg.arch).is_file(), "arch", cfg.arch, "must be the path of an existing arch.yaml")
     _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is not None, "evaluation.device", device,
            "valid: auto, cpu, cuda, cuda:N")
