@@ -22,8 +22,8 @@ thresholds re-tuned on val and scored on test, as `ee_nas.run` does:
   and val accuracy is blind to it, so the search picks it by noise), then fine-tuned as the recipe; a network
   it cannot grow (too costly, already largest, or no early exit) keeps the recipe's result (`grown: false`).
 - `affine`: fine-tuned with a random rotation (+-12 degrees) and scale (0.9-1.1) of each training image before
-  the recipe's random crop, if it has one (`finetune.augment={rotation_degrees:12,scale:0.1}`): a larger chosen network may
-  overfit the 1,078 training digits more than a small one;
+  the recipe's random crop, if it has one (`finetune.augment={rotation_degrees:12,scale:0.1}`): a larger chosen
+  network may overfit the 1,078 training digits more than a small one;
 - `teacher_affine`: both `teacher` and `affine` (the two levers that lift static_nas, together);
 - `no_crop`: fine-tuned without the random crop (`finetune.augment={random_crop_padding:0}`): augmentation
   cost aebnas more than static_nas, in the fine-tuning (`affine`) and in the supernet's training (README), and
