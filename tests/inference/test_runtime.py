@@ -6,6 +6,7 @@ import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
+from ee_nas.inference.fold import fold_batchnorm
 from ee_nas.inference.runtime import EarlyExitRuntime, load_run, normalize_thresholds, row_confidence
 from ee_nas.models.multi_exit import MultiExitSupernet
 from ee_nas.genome import BranchLayer, ExitBranch, Genome
@@ -125,6 +126,26 @@ def test_last_exit_always_accepts_and_disabled_exits(net, images):
     assert (never.labels == all_logits(net, images)[:, -1].argmax(-1)).all()
     always = EarlyExitRuntime(net, [0.0, 0.0, 0.0, 1.0]).classify(images)  # the final threshold is ignored
     assert (always.exits == 0).all()
+
+
+def test_folded_batchnorm_computes_the_same_function_and_decisions(net, images):
+    """Every BatchNorm after a convolution is gone; logits agree to float rounding; every exit decision,
+    batch and one by one, is the unfolded runtime's; the caller's network keeps its BatchNorms."""
+    def count(m, kind):
+        return sum(isinstance(x, kind) for x in m.modules())
+
+    before = count(net, nn.BatchNorm2d)
+    folded = fold_batchnorm(net)
+    assert before > 0 and count(folded, nn.BatchNorm2d) == 0 and count(net, nn.BatchNorm2d) == before
+    assert count(folded, nn.Identity) - count(net, nn.Identity) == before
+    np.testing.assert_allclose(all_logits(folded, images), all_logits(net, images), rtol=1e-4, atol=1e-4)
+    t = midpoint_thresholds(confidence(all_logits(net, images)))
+    plain, fast = EarlyExitRuntime(net, t).classify(images), EarlyExitRuntime(net, t, fold_bn=True).classify(images)
+    assert len(np.unique(plain.exits)) == 4
+    np.testing.assert_array_equal(fast.exits, plain.exits)
+    np.testing.assert_array_equal(fast.labels, plain.labels)
+    one = EarlyExitRuntime(net, t, fold_bn=True)
+    assert [int(one.classify(images[i]).exits[0]) for i in range(16)] == plain.exits[:16].tolist()
 
 
 def test_threshold_count_is_checked(net):
