@@ -1,10 +1,11 @@
-"""Deployment: dynamic early-exit runtime, TorchScript/ONNX export, and the runtime over exported files.
+"""Deployment: dynamic early-exit runtime, BatchNorm folding, TorchScript/ONNX export, and the runtime over exported files.
 
 `ExportedRuntime`/`export_net`/`export_run` are imported lazily (ONNX is optional).
 """
+from ee_nas.inference.fold import fold_batchnorm
 from ee_nas.inference.runtime import EarlyExitRuntime, ExitResult, LoadedRun, load_run, load_supernet
 
-__all__ = ["EarlyExitRuntime", "ExitResult", "LoadedRun", "load_run", "load_supernet",
+__all__ = ["EarlyExitRuntime", "ExitResult", "LoadedRun", "fold_batchnorm", "load_run", "load_supernet",
            "ExportedRuntime", "export_net", "export_run"]
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ee_nas.inference.fold import fold_batchnorm
 from ee_nas.thresholds.confidence import MEASURES, confidence
 
 
@@ -196,8 +197,6 @@ class EarlyExitRuntime(_ExitRule):
         super().__init__(thresholds, measure, len(net.heads))
         self.device = torch.device(device)
         if fold_bn:
-            from ee_nas.inference.fold import fold_batchnorm
-
             net = fold_batchnorm(net)
         self.net = net.to(self.device).eval()
         self.segments, self.heads = list(net.segments), list(net.heads)
