@@ -1,4 +1,4 @@
-"""Deployment: dynamic early-exit runtime, BatchNorm folding, TorchScript/ONNX export, and the runtime over exported files.
+"""Deployment: dynamic early-exit runtime, BatchNorm folding, TorchScript/ONNX export, the runtime over exported files.
 
 `ExportedRuntime`/`export_net`/`export_run` are imported lazily (ONNX is optional).
 """
