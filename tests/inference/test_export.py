@@ -138,6 +138,10 @@ def test_infer_cli_prints_class_exit_and_confidence(run_dir, tmp_path, capsys):
         outputs[backend] = capsys.readouterr().out.strip().splitlines()
         assert code == 0 and len(outputs[backend]) == 7
     assert outputs["eager"] == outputs["torchscript"] == outputs["onnx"]
+    assert infer_main([f"run_dir={run_dir}", f"input={folder}", "fold_bn=true"]) == 0
+    folded = capsys.readouterr().out.strip().splitlines()
+    assert [line.rsplit(" confidence ", 1)[0] for line in folded] == \
+        [line.rsplit(" confidence ", 1)[0] for line in outputs["eager"]]  # the same class and exit per file
     assert all(" class " in line and " exit " in line and " confidence " in line for line in outputs["eager"])
     assert infer_main([f"run_dir={run_dir}", f"input={folder / 'img0.png'}"]) == 0
     assert capsys.readouterr().out.startswith(str(folder / "img0.png"))
@@ -147,6 +151,7 @@ def test_infer_cli_prints_class_exit_and_confidence(run_dir, tmp_path, capsys):
     (["input=x.png"], "missing run_dir"),
     (["run_dir=r", "input=x", "backend=tflite"], "backend='tflite'"),
     (["run_dir=r", "input=x", "colour=1"], "key one of run_dir"),
+    (["run_dir=r", "input=x", "backend=onnx", "fold_bn=true"], "fold_bn=true is for backend=eager"),
 ])
 def test_infer_cli_usage_errors(args, match, capsys):
     assert infer_main(args) == 2
