@@ -65,11 +65,10 @@ def timed(fns: dict, batches: list[torch.Tensor], repeats: int) -> dict[str, flo
 def bench_pair(ee_dir: Path, static_dir: Path, repeats: int, batch_sizes: list[int], fold_bn: bool = False) -> dict:
     ee, st = load_run(ee_dir), load_run(static_dir)
     x, y = test_split(ee)
-    ee_rt = EarlyExitRuntime(ee.net.eval(), ee.thresholds, ee.measure, fold_bn=fold_bn)
-    own = backbone_only(ee.net)
-    other = backbone_only(st.net)
-    if fold_bn:  # all three alike
-        own, other = fold_batchnorm(own), fold_batchnorm(other)
+    ee_net, st_net = (fold_batchnorm(ee.net), fold_batchnorm(st.net)) if fold_bn else (ee.net, st.net)  # all alike
+    ee_rt = EarlyExitRuntime(ee_net, ee.thresholds, ee.measure)
+    own = backbone_only(ee_net)
+    other = backbone_only(st_net)
     fns = {"dynamic": ee_rt.classify, "own_backbone": lambda b: own(b).argmax(-1),
            "static_nas": lambda b: other(b).argmax(-1)}
     with torch.inference_mode():

@@ -11,6 +11,7 @@ from torch import nn
 
 from ee_nas.infer import main as infer_main
 from ee_nas.inference.export import ExportedRuntime, export_net, export_run
+from ee_nas.inference.fold import fold_batchnorm
 from ee_nas.inference.runtime import EarlyExitRuntime
 from ee_nas.models.multi_exit import MultiExitSupernet
 from ee_nas.genome import BranchLayer, ExitBranch, Genome
@@ -124,7 +125,7 @@ def test_export_run_writes_into_the_run_dir(run_dir, images):
     np.testing.assert_array_equal(ExportedRuntime(out, "onnx").classify(images).exits, eager.exits)
 
 
-def test_infer_cli_prints_class_exit_and_confidence(run_dir, tmp_path, capsys):
+def test_infer_cli_prints_class_exit_and_confidence(run_dir, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -138,7 +139,12 @@ def test_infer_cli_prints_class_exit_and_confidence(run_dir, tmp_path, capsys):
         outputs[backend] = capsys.readouterr().out.strip().splitlines()
         assert code == 0 and len(outputs[backend]) == 7
     assert outputs["eager"] == outputs["torchscript"] == outputs["onnx"]
+    import ee_nas.inference.runtime as runtime
+
+    folds = []
+    monkeypatch.setattr(runtime, "fold_batchnorm", lambda n: folds.append(n) or fold_batchnorm(n))
     assert infer_main([f"run_dir={run_dir}", f"input={folder}", "fold_bn=true"]) == 0
+    assert len(folds) == 1  # the flag reaches the runtime
     folded = capsys.readouterr().out.strip().splitlines()
     assert [line.rsplit(" confidence ", 1)[0] for line in folded] == \
         [line.rsplit(" confidence ", 1)[0] for line in outputs["eager"]]  # the same class and exit per file
