@@ -320,7 +320,7 @@ class LatencyTable:
             from ee_nas.inference.runtime import row_confidence
 
             c = self.supernet.backbone.num_classes
-            fp = f"decision:row:{self.measure}:{c}"
+            fp = f"decision:row-py:{self.measure}:{c}"  # "-py": timed since the runtime computes it on Python floats
             if fp not in self.entries:
                 logits = torch.randn(1, c)
 

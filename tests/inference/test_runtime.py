@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ee_nas.inference.fold import fold_batchnorm
-from ee_nas.inference.runtime import EarlyExitRuntime, load_run, normalize_thresholds, row_confidence
+from ee_nas.inference.runtime import PY_CLASSES, EarlyExitRuntime, load_run, normalize_thresholds, row_confidence
 from ee_nas.models.multi_exit import MultiExitSupernet
 from ee_nas.genome import BranchLayer, ExitBranch, Genome
 from ee_nas.thresholds.confidence import confidence
@@ -87,10 +87,11 @@ def test_batch_size_one_matches_the_batch(net, images):
 
 
 @pytest.mark.parametrize("measure", ["max_softmax", "entropy", "margin"])
-def test_row_confidence_matches_confidence(measure):
+@pytest.mark.parametrize("classes", [1, 10, PY_CLASSES, PY_CLASSES + 1, 1000])  # Python floats, then torch ops
+def test_row_confidence_matches_confidence(measure, classes):
     g = torch.Generator().manual_seed(0)
     for scale in (0.1, 3.0, 1e4):
-        logits = torch.randn(50, 10, generator=g) * scale
+        logits = torch.randn(50, classes, generator=g) * scale
         expected = confidence(logits, measure)
         got = [row_confidence(logits[i:i + 1], measure) for i in range(50)]
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
