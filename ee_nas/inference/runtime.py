@@ -65,10 +65,11 @@ def row_confidence(logits, measure: str) -> float:
     differ from `confidence` in the last bits (summation order); the runtime settles near-ties with
     `confidence` itself.
     """
+    flat = (logits.detach() if torch.is_tensor(logits) else np.asarray(logits)).reshape(-1)  # exported: numpy
+    if len(flat) <= PY_CLASSES:
+        return _confidence_of(flat.tolist(), measure)
     if not torch.is_tensor(logits):
         return float(confidence(logits, measure)[0])
-    if logits.numel() <= PY_CLASSES:
-        return _confidence_of(logits.detach().reshape(-1).tolist(), measure)
     z = logits.detach().double().reshape(-1)
     z = z - z.max()
     e = z.exp()
