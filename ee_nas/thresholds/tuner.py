@@ -241,7 +241,7 @@ def tune_thresholds(conf, correct, cum_macs, target: float | None, *, lam: float
 
     if k == 1 or not _within(cum_macs[0], target):
         if warn and not _within(cum_macs[0], target):
-            log.warning("no thresholds meet target %.4g MACs (cheapest policy: %.4g); returning it, infeasible",
+            log.warning("no thresholds meet the cost target %.4g (cheapest policy: %.4g); returning it, infeasible",
                         target, cum_macs[0])
         return finish(cheap)
 
