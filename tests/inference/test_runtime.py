@@ -84,6 +84,9 @@ def test_batch_size_one_matches_the_batch(net, images):
     for i in range(32):
         one = rt.classify(images[i])  # a single [C, H, W] image
         assert (one.exits[0], one.labels[0]) == (batch.exits[i], batch.labels[i])
+    with torch.inference_mode():  # a caller's serving loop holds inference mode: classify runs in it as it is
+        held = [rt.classify(images[i:i + 1]) for i in range(32)]
+    assert [(r.exits[0], r.labels[0]) for r in held] == list(zip(batch.exits, batch.labels))
 
 
 @pytest.mark.parametrize("measure", ["max_softmax", "entropy", "margin"])
