@@ -90,7 +90,7 @@ def test_batch_size_one_matches_the_batch(net, images):
 
 
 @pytest.mark.parametrize("measure", ["max_softmax", "entropy", "margin"])
-@pytest.mark.parametrize("classes", [1, 10, PY_CLASSES, PY_CLASSES + 1, 1000])  # Python floats, then torch ops
+@pytest.mark.parametrize("classes", [1, 10, PY_CLASSES, PY_CLASSES + 1, 1000])  # Python floats, then `confidence`
 def test_row_confidence_matches_confidence(measure, classes):
     g = torch.Generator().manual_seed(0)
     for scale in (0.1, 3.0, 1e4):
