@@ -30,6 +30,8 @@ def non_finite_tensors(state_dict) -> list[str]:
 
 
 class MultiExitModule(L.LightningModule):
+    label_smoothing = 0.0  # of every exit's cross-entropy (probes override it)
+
     def __init__(self, supernet, optimizer, scheduler=None, n_random: int = 1, final_weight: float = 1.0,
                  early_weight: float = 1.0, distill_weight: float = 0.0, distill_temperature: float = 2.0,
                  channels_last: bool = False, branch_lr_scale: float = 1.0, calibration_samples: int = 512,
@@ -55,7 +57,7 @@ class MultiExitModule(L.LightningModule):
         return self.supernet(x, genome or self.eval_genome)
 
     def exit_loss(self, logits: list[torch.Tensor], y: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
-        losses = [F.cross_entropy(z, y) for z in logits]
+        losses = [F.cross_entropy(z, y, label_smoothing=self.label_smoothing) for z in logits]
         loss = self.final_weight * losses[-1]
         if len(losses) > 1:
             loss = loss + self.early_weight * torch.stack(losses[:-1]).mean()
@@ -157,6 +159,7 @@ class FinetuneModule(L.LightningModule):
     eval mode, e.g. the supernet's largest backbone) or, without one, from the subnet's own final exit."""
 
     exit_loss = MultiExitModule.exit_loss
+    label_smoothing = MultiExitModule.label_smoothing
     configure_optimizers = MultiExitModule.configure_optimizers
 
     def __init__(self, net, optimizer, scheduler=None, final_weight: float = 1.0, early_weight: float = 1.0,

@@ -28,6 +28,8 @@ thresholds re-tuned on val and scored on test, as `ee_nas.run` does:
 - `no_crop`: fine-tuned without the random crop (`finetune.augment={random_crop_padding:0}`): augmentation
   cost aebnas more than static_nas, in the fine-tuning (`affine`) and in the supernet's training (README), and
   the test digits are centred as the training ones are.
+- `label_smoothing`: every exit's cross-entropy with label smoothing 0.1 (soft targets that keep the exits'
+  confidences from saturating on the 1,078 training digits, which the thresholds then rank).
 
 Writes `<out>.json` (one record per run and variant) and `<out>.md`: per variant, each method's mean
 test accuracy and its change against the recorded runs, the paired aebnas − static_nas difference
@@ -51,8 +53,9 @@ import numpy as np
 AVERAGES = ("swa_half", "swa_all", "wise0.5", "wise0.75")
 EPOCH_CHOICES = ("best_val", "best_val_or_inherited")
 VARIANTS = ("recipe", *AVERAGES, "teacher", "hard_final", *EPOCH_CHOICES, "grow_tail", "affine", "teacher_affine",
-            "no_crop")
+            "no_crop", "label_smoothing")
 AFFINE = {"rotation_degrees": 12.0, "scale": 0.1}  # the `affine` variant's `finetune.augment`
+LABEL_SMOOTHING = 0.1  # the `label_smoothing` variant's, of every exit's cross-entropy
 
 
 def _average(states: list[dict]) -> dict:
@@ -105,12 +108,21 @@ def _grown(run, genome):
     return big if float(policy.exit_rates @ run.evaluator.cum_cost(big)) <= budget else None
 
 
-def _finetune(run, genome, teacher: str = "self", exit_loss=None, augment: dict | None = None) -> tuple:
-    """The run's fine-tuning of `genome` as `ee_nas.run` does it (`finetune_chosen`), with `finetune.teacher`
-    set to `teacher` and `finetune.augment` to `augment` (and `exit_loss` in place of the module's, if given);
-    the net, its inherited weights and its epoch-end weights."""
+def finetune_config(cfg, teacher: str = "self", augment: dict | None = None):
+    """The run's config `cfg` with `finetune.teacher` and, if given, `finetune.augment` set: None keeps the run's
+    own augment (merging a null would drop it, back to data.augment's random crop), no progress bar."""
     from omegaconf import OmegaConf
 
+    changes = {"teacher": teacher, **({} if augment is None else {"augment": augment})}
+    return OmegaConf.merge(cfg, {"finetune": changes, "trainer": {"enable_progress_bar": False}})
+
+
+def _finetune(run, genome, teacher: str = "self", exit_loss=None, augment: dict | None = None,
+              label_smoothing: float = 0.0) -> tuple:
+    """The run's fine-tuning of `genome` as `ee_nas.run` does it (`finetune_chosen`), with `finetune.teacher`
+    set to `teacher` and `finetune.augment` to `augment` if given (and `exit_loss` in place of the module's, if given,
+    and every exit's cross-entropy smoothed by `label_smoothing`); the net, its inherited weights and its
+    epoch-end weights."""
     import ee_nas.lit_module as lit
     from ee_nas.pipeline import finetune_chosen
 
@@ -122,9 +134,9 @@ def _finetune(run, genome, teacher: str = "self", exit_loss=None, augment: dict 
 
     if exit_loss is not None:
         Probe.exit_loss = exit_loss
+    Probe.label_smoothing = label_smoothing
 
-    cfg = OmegaConf.merge(run.cfg, {"finetune": {"teacher": teacher, "augment": augment},
-                                    "trainer": {"enable_progress_bar": False}})
+    cfg = finetune_config(run.cfg, teacher, augment)
     net = run.evaluator.subnet(genome)
     pre = {k: v.detach().clone() for k, v in net.state_dict().items()}
     original, lit.FinetuneModule = lit.FinetuneModule, Probe
@@ -197,6 +209,9 @@ def probe(run_dir: str, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
     if "no_crop" in variants:
         net, _, _ = _finetune(run, genome, augment={"random_crop_padding": 0})
         records.append({**base, "variant": "no_crop", **_score(run, genome, net)})
+    if "label_smoothing" in variants:
+        net, _, _ = _finetune(run, genome, label_smoothing=LABEL_SMOOTHING)
+        records.append({**base, "variant": "label_smoothing", **_score(run, genome, net)})
     print(f"[done] {method} t{target} seed{seed}: {time.perf_counter() - started:.0f} s", flush=True)
     return records
 
