@@ -220,6 +220,8 @@ def _check_top(cfg: DictConfig, t: dict, device: str) -> None:
     early = cfg.finetune.get("early_weight")
     _check(early is None or isinstance(early, (int, float)) and early >= 0, "finetune.early_weight", early,
            "must be null (training.early_weight) or >= 0")
+    refit = cfg.finetune.get("refit", False)
+    _check(isinstance(refit, bool), "finetune.refit", refit, "must be true or false")
     from ee_nas.finetune import TEACHERS
 
     _one_of(cfg.finetune.get("teacher", "self"), "finetune.teacher", TEACHERS)

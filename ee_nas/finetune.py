@@ -18,6 +18,7 @@ the arch.yaml).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import sys
@@ -81,6 +82,23 @@ def finetune_net(net, train_loader, training: dict, epochs: int, lr: float | Non
     return net.eval(), optimizer["lr"]
 
 
+def finetune_refit(train, net, epochs: int, evaluator, genome: Genome, refit: bool) -> tuple:
+    """`train(net, with_val, epochs) -> (net, lr)` on the chosen network; with `refit` (`finetune.refit`) a copy of
+    its inherited weights is then trained alike on train + val (a third more digits; for as many steps as the
+    first, so it costs one more fine-tuning) and deployed, with thresholds tuned on the val outputs of the one
+    trained on train only, which has not seen them. Returns the network to deploy, the lr and those val outputs
+    (None without refit: tune on the deployed network's own)."""
+    inherited = copy.deepcopy(net) if refit else None
+    net, lr = train(net, False, epochs)
+    if not refit:
+        return net, lr, None
+    val = evaluator.outputs(genome, ("val",), net=net)["val"]
+    sizes = evaluator.datamodule.split_sizes()
+    refit_epochs = max(1, epochs * sizes["train"] // (sizes["train"] + sizes["val"]))
+    log.info("refit: fine-tuning the chosen network again, on train + val for %d epochs", refit_epochs)
+    return *train(inherited, True, refit_epochs), val
+
+
 def make_teacher(evaluator, choice: str = "self"):
     """What every exit distils from while fine-tuning (`finetune.teacher`): None for `self` (the network's own
     final exit), the supernet's largest backbone (inherited weights, recalibrated BatchNorm) for `largest`."""
@@ -120,16 +138,22 @@ def finetune(run_dir: str | Path, arch: str | Path | None = None, epochs: int = 
     before = evaluate_subnet(run, genome, net)
     training = OmegaConf.to_container(run.cfg.training, resolve=True)
     options = run.cfg.get("finetune", {})
-    net, lr = finetune_net(net, run.datamodule.train_dataloader(options.get("augment")), training, epochs, lr,
-                           options.get("lr_fraction", LR_FRACTION), options.get("early_weight", EARLY_WEIGHT),
-                           run.evaluator.device, run.evaluator.calibration, run.datamodule.eval_batch_size,
-                           logger=CSVLogger(out, name="csv"),
-                           teacher=make_teacher(run.evaluator, options.get("teacher", "self")))
-    after = evaluate_subnet(run, genome, net)
+    teacher = make_teacher(run.evaluator, options.get("teacher", "self"))
+
+    def train(net, with_val: bool, epochs: int):
+        return finetune_net(net, run.datamodule.train_dataloader(options.get("augment"), with_val=with_val),
+                            training, epochs, lr, options.get("lr_fraction", LR_FRACTION),
+                            options.get("early_weight", EARLY_WEIGHT), run.evaluator.device,
+                            run.evaluator.calibration, run.datamodule.eval_batch_size,
+                            logger=CSVLogger(out, name="refit" if with_val else "csv"), teacher=teacher)
+
+    refit = bool(options.get("refit", False)) and epochs > 0
+    net, lr, val = finetune_refit(train, net, epochs, run.evaluator, genome, refit)
+    after = evaluate_subnet(run, genome, net, val=val)
     genome.save(out / "arch.yaml")
     save_subnet(out / "subnet.pt", genome, net, after.pop("_thresholds"), run.cfg.thresholds.measure)
     before.pop("_thresholds")
-    summary = {"run_dir": str(run.run_dir), "arch": str(arch_path), "epochs": epochs, "lr": lr,
+    summary = {"run_dir": str(run.run_dir), "arch": str(arch_path), "epochs": epochs, "lr": lr, "refit": refit,
                **target_keys(run), "reference_macs": run.reference_macs,
                "before": {k: before[k] for k in REPORT_KEYS if k in before},
                "after": {k: after[k] for k in REPORT_KEYS if k in after},

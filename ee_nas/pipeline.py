@@ -66,16 +66,17 @@ def tune_on_val(cfg: DictConfig, evaluator, genome: Genome, val, target):
     return tune(budget)
 
 
-def finetune_chosen(cfg: DictConfig, net, genome: Genome, evaluator, datamodule, target) -> dict:
-    """Fine-tune the chosen network in place as a static net (`finetune.epochs`, 0 = off; at most
-    `finetune.limit_train_batches` batches an epoch, null = all); returns the
-    summary entries that record it, with the val/test accuracy it had before (thresholds tuned alike)."""
+def finetune_chosen(cfg: DictConfig, net, genome: Genome, evaluator, datamodule, target) -> tuple:
+    """Fine-tune the chosen network as a static net (`finetune.epochs`, 0 = off; at most
+    `finetune.limit_train_batches` batches an epoch, null = all; `finetune.refit`: see `finetune_refit`).
+    Returns the network to deploy, the summary entries that record the fine-tuning (with the val/test accuracy
+    it had before, thresholds tuned alike) and the val outputs to tune its thresholds on (None: its own)."""
     epochs = int(cfg.finetune.epochs)
     if epochs <= 0:
-        return {"finetune_epochs": 0}
+        return net, {"finetune_epochs": 0}, None
     from omegaconf import OmegaConf
 
-    from ee_nas.finetune import finetune_net, make_teacher
+    from ee_nas.finetune import finetune_net, finetune_refit, make_teacher
 
     out = evaluator.outputs(genome, ("val", "test"), net=net)
     policy = tune_on_val(cfg, evaluator, genome, out["val"], target)
@@ -83,15 +84,20 @@ def finetune_chosen(cfg: DictConfig, net, genome: Genome, evaluator, datamodule,
     log.info("fine-tuning the chosen network for %d epochs (test acc before: %.4f)", epochs, before.accuracy)
     # before the seed: the teacher's BatchNorm recalibration runs in train mode, whose dropout draws random numbers
     teacher = make_teacher(evaluator, cfg.finetune.get("teacher", "self"))
-    torch.manual_seed(cfg.seed)
-    finetune_net(net, datamodule.train_dataloader(cfg.finetune.get("augment")),
-                 OmegaConf.to_container(cfg.training, resolve=True), epochs,
-                 cfg.finetune.get("lr"), cfg.finetune.lr_fraction, cfg.finetune.early_weight, evaluator.device,
-                 evaluator.calibration, datamodule.eval_batch_size,
-                 progress_bar=bool(cfg.trainer.get("enable_progress_bar", False)),
-                 limit_train_batches=cfg.finetune.get("limit_train_batches"), teacher=teacher)
-    return {"finetune_epochs": epochs, "pre_finetune_test_acc": float(before.accuracy),
-            "pre_finetune_val_acc": float(policy.accuracy)}
+
+    def train(net, with_val: bool, epochs: int):
+        torch.manual_seed(cfg.seed)  # the same run of random numbers for both (refit)
+        return finetune_net(net, datamodule.train_dataloader(cfg.finetune.get("augment"), with_val=with_val),
+                            OmegaConf.to_container(cfg.training, resolve=True), epochs,
+                            cfg.finetune.get("lr"), cfg.finetune.lr_fraction, cfg.finetune.early_weight,
+                            evaluator.device, evaluator.calibration, datamodule.eval_batch_size,
+                            progress_bar=bool(cfg.trainer.get("enable_progress_bar", False)),
+                            limit_train_batches=cfg.finetune.get("limit_train_batches"), teacher=teacher)
+
+    refit = bool(cfg.finetune.get("refit", False))
+    net, _, val = finetune_refit(train, net, epochs, evaluator, genome, refit)
+    return net, {"finetune_epochs": epochs, "pre_finetune_test_acc": float(before.accuracy),
+                 "pre_finetune_val_acc": float(policy.accuracy), "finetune_refit": refit}, val
 
 
 def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hardware, nas) -> dict:
@@ -113,9 +119,9 @@ def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hard
     else:
         genome, search = nas.result["genome"], nas.result
     net = evaluator.subnet(genome)
-    finetuned = finetune_chosen(cfg, net, genome, evaluator, datamodule, target)
-    out = evaluator.outputs(genome, ("val", "test"), net=net)
-    val, test = out["val"], out["test"]
+    net, finetuned, val = finetune_chosen(cfg, net, genome, evaluator, datamodule, target)
+    out = evaluator.outputs(genome, ("val", "test") if val is None else ("test",), net=net)
+    val, test = out.get("val", val), out["test"]
     costs = evaluator.costs.costs(genome)
     cum, cum_cost = costs.cum_macs, evaluator.cum_cost(genome)
     policy = tune_on_val(cfg, evaluator, genome, val, target)

@@ -140,14 +140,15 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     return LoadedRun(run_dir, cfg, datamodule, supernet, evaluator, hardware, target, evaluator.reference_macs)
 
 
-def evaluate_subnet(run: LoadedRun, genome: Genome, net) -> dict:
+def evaluate_subnet(run: LoadedRun, genome: Genome, net, val=None) -> dict:
     """Thresholds tuned on val under the run's target (in the objective's unit: avg MACs, or avg latency
-    from the run's latency table), accuracy, avg MACs and avg cost reported on test."""
+    from the run's latency table), accuracy, avg MACs and avg cost reported on test. `val`: the val outputs to
+    tune on, if not the net's own (`finetune.refit`: those of the network fine-tuned without val)."""
     from ee_nas.pipeline import tune_on_val
     from ee_nas.thresholds import evaluate_policy
 
-    out = run.evaluator.outputs(genome, ("val", "test"), net=net)
-    val, test = out["val"], out["test"]
+    out = run.evaluator.outputs(genome, ("val", "test") if val is None else ("test",), net=net)
+    val, test = out.get("val", val), out["test"]
     costs = run.evaluator.costs.costs(genome)
     cum, cum_cost = costs.cum_macs, run.evaluator.cum_cost(genome)  # cum_cost: MACs, or ms
     policy = tune_on_val(run.cfg, run.evaluator, genome, val, run.target)  # as the run tuned its chosen network

@@ -30,6 +30,9 @@ thresholds re-tuned on val and scored on test, as `ee_nas.run` does:
   the test digits are centred as the training ones are.
 - `label_smoothing`: every exit's cross-entropy with label smoothing 0.1 (soft targets that keep the exits'
   confidences from saturating on the 1,078 training digits, which the thresholds then rank).
+- `refit`: the recipe, then the inherited weights fine-tuned alike on train + val (a third more digits) and
+  deployed with the thresholds tuned on val for the recipe's network (`finetune.refit=true`); its val accuracy
+  is the recipe's.
 
 Writes `<out>.json` (one record per run and variant) and `<out>.md`: per variant, each method's mean
 test accuracy and its change against the recorded runs, the paired aebnas − static_nas difference
@@ -53,7 +56,7 @@ import numpy as np
 AVERAGES = ("swa_half", "swa_all", "wise0.5", "wise0.75")
 EPOCH_CHOICES = ("best_val", "best_val_or_inherited")
 VARIANTS = ("recipe", *AVERAGES, "teacher", "hard_final", *EPOCH_CHOICES, "grow_tail", "affine", "teacher_affine",
-            "no_crop", "label_smoothing")
+            "no_crop", "label_smoothing", "refit")
 AFFINE = {"rotation_degrees": 12.0, "scale": 0.1}  # the `affine` variant's `finetune.augment`
 LABEL_SMOOTHING = 0.1  # the `label_smoothing` variant's, of every exit's cross-entropy
 
@@ -108,21 +111,22 @@ def _grown(run, genome):
     return big if float(policy.exit_rates @ run.evaluator.cum_cost(big)) <= budget else None
 
 
-def finetune_config(cfg, teacher: str = "self", augment: dict | None = None):
-    """The run's config `cfg` with `finetune.teacher` and, if given, `finetune.augment` set: None keeps the run's
-    own augment (merging a null would drop it, back to data.augment's random crop), no progress bar."""
+def finetune_config(cfg, teacher: str = "self", augment: dict | None = None, refit: bool = False):
+    """The run's config `cfg` with `finetune.teacher` and `finetune.refit` and, if given, `finetune.augment` set:
+    None keeps the run's own augment (merging a null would drop it, back to data.augment's random crop), no
+    progress bar."""
     from omegaconf import OmegaConf
 
-    changes = {"teacher": teacher, **({} if augment is None else {"augment": augment})}
+    changes = {"teacher": teacher, "refit": refit, **({} if augment is None else {"augment": augment})}
     return OmegaConf.merge(cfg, {"finetune": changes, "trainer": {"enable_progress_bar": False}})
 
 
 def _finetune(run, genome, teacher: str = "self", exit_loss=None, augment: dict | None = None,
-              label_smoothing: float = 0.0) -> tuple:
+              label_smoothing: float = 0.0, refit: bool = False) -> tuple:
     """The run's fine-tuning of `genome` as `ee_nas.run` does it (`finetune_chosen`), with `finetune.teacher`
-    set to `teacher` and `finetune.augment` to `augment` if given (and `exit_loss` in place of the module's, if given,
-    and every exit's cross-entropy smoothed by `label_smoothing`); the net, its inherited weights and its
-    epoch-end weights."""
+    set to `teacher`, `finetune.refit` to `refit` and `finetune.augment` to `augment` if given (and `exit_loss` in
+    place of the module's, if given, and every exit's cross-entropy smoothed by `label_smoothing`); the net, its
+    inherited weights, its epoch-end weights and the val outputs to tune its thresholds on (None: its own)."""
     import ee_nas.lit_module as lit
     from ee_nas.pipeline import finetune_chosen
 
@@ -136,21 +140,21 @@ def _finetune(run, genome, teacher: str = "self", exit_loss=None, augment: dict 
         Probe.exit_loss = exit_loss
     Probe.label_smoothing = label_smoothing
 
-    cfg = finetune_config(run.cfg, teacher, augment)
+    cfg = finetune_config(run.cfg, teacher, augment, refit)
     net = run.evaluator.subnet(genome)
     pre = {k: v.detach().clone() for k, v in net.state_dict().items()}
     original, lit.FinetuneModule = lit.FinetuneModule, Probe
     try:
-        finetune_chosen(cfg, net, genome, run.evaluator, run.datamodule, run.target)
+        net, _, val = finetune_chosen(cfg, net, genome, run.evaluator, run.datamodule, run.target)
     finally:
         lit.FinetuneModule = original
-    return net, pre, snapshots
+    return net, pre, snapshots, val
 
 
-def _score(run, genome, net) -> dict:
+def _score(run, genome, net, val=None) -> dict:
     from ee_nas.select import evaluate_subnet
 
-    scored = evaluate_subnet(run, genome, net)
+    scored = evaluate_subnet(run, genome, net, val=val)
     return {k: scored[k] for k in ("test_acc", "val_acc", "relative_macs")}
 
 
@@ -171,7 +175,7 @@ def probe(run_dir: str, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
     recorded = json.loads((Path(run_dir) / "summary.json").read_text())["test_acc"]
     base = {"method": method, "target_fraction": target, "seed": seed, "run_dir": run_dir,
             "recorded_test_acc": recorded}
-    net, pre, snaps = _finetune(run, genome)
+    net, pre, snaps, _ = _finetune(run, genome)
     records = [{**base, "variant": "recipe", **_score(run, genome, net)}]
 
     def scored(state: dict) -> dict:
@@ -192,10 +196,10 @@ def probe(run_dir: str, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
             best = max(range(first, len(epochs)), key=lambda i: (epochs[i]["val_acc"], i))
             records.append({**base, "variant": name, **epochs[best], "epoch": best, "per_epoch": per_epoch})
     if "hard_final" in variants:
-        net, _, _ = _finetune(run, genome, exit_loss=_hard_final_loss)
+        net, *_ = _finetune(run, genome, exit_loss=_hard_final_loss)
         records.append({**base, "variant": "hard_final", **_score(run, genome, net)})
     if "teacher" in variants:
-        net, _, _ = _finetune(run, genome, "largest")
+        net, *_ = _finetune(run, genome, "largest")
         records.append({**base, "variant": "teacher", **_score(run, genome, net)})
     if "grow_tail" in variants:
         big = _grown(run, genome)
@@ -204,14 +208,17 @@ def probe(run_dir: str, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
     if "affine" in variants:
         records.append({**base, "variant": "affine", **_score(run, genome, _finetune(run, genome, augment=AFFINE)[0])})
     if "teacher_affine" in variants:
-        net, _, _ = _finetune(run, genome, "largest", augment=AFFINE)
+        net, *_ = _finetune(run, genome, "largest", augment=AFFINE)
         records.append({**base, "variant": "teacher_affine", **_score(run, genome, net)})
     if "no_crop" in variants:
-        net, _, _ = _finetune(run, genome, augment={"random_crop_padding": 0})
+        net, *_ = _finetune(run, genome, augment={"random_crop_padding": 0})
         records.append({**base, "variant": "no_crop", **_score(run, genome, net)})
     if "label_smoothing" in variants:
-        net, _, _ = _finetune(run, genome, label_smoothing=LABEL_SMOOTHING)
+        net, *_ = _finetune(run, genome, label_smoothing=LABEL_SMOOTHING)
         records.append({**base, "variant": "label_smoothing", **_score(run, genome, net)})
+    if "refit" in variants:
+        net, _, _, val = _finetune(run, genome, refit=True)
+        records.append({**base, "variant": "refit", **_score(run, genome, net, val)})
     print(f"[done] {method} t{target} seed{seed}: {time.perf_counter() - started:.0f} s", flush=True)
     return records
 

@@ -273,3 +273,41 @@ def test_select_and_finetune_report_latency_under_the_latency_target(latency_run
         assert r["val_avg_latency_ms"] <= target * (1 + 1e-9) and r["avg_cost"] == pytest.approx(r["avg_latency_ms"])
         assert r["meets_target"] == (r["avg_latency_ms"] <= target)
     assert result["before"]["avg_latency_ms"] == pytest.approx(summary["avg_latency_ms"])  # the run's own report
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_finetune_refit_deploys_the_inherited_weights_trained_on_train_and_val_tuned_on_the_others_val(refit):
+    """finetune.refit: the first fine-tuning (train only) gives the val outputs the thresholds are tuned on; the
+    network deployed is a copy of the inherited weights trained on train + val for as many steps (epochs scaled
+    by train / (train + val)). Without refit: the first network, tuned on its own val outputs."""
+    from types import SimpleNamespace
+
+    from ee_nas.finetune import finetune_refit
+
+    calls = []
+
+    def train(net, with_val, epochs):  # marks each network it trains, and what it started from
+        calls.append((with_val, epochs, float(net.a.weight.sum())))
+        with torch.no_grad():
+            net.a.weight += 1.0 + with_val
+        return net, 0.01
+
+    class Evaluator:
+        datamodule = SimpleNamespace(split_sizes=lambda: {"train": 1079, "val": 359, "test": 359})
+
+        def outputs(self, genome, splits, net):
+            return {"val": ("outputs of", float(net.a.weight.sum()))}
+
+    torch.manual_seed(0)
+    net = TwoExits()
+    inherited = float(net.a.weight.sum())
+    deployed, lr, val = finetune_refit(train, net, 10, Evaluator(), genome=None, refit=refit)
+    first = inherited + net.a.weight.numel()  # what the first fine-tuning (train only) left
+    assert lr == 0.01 and calls[0][:2] == (False, 10)
+    if not refit:
+        assert len(calls) == 1 and val is None and deployed is net
+        return
+    assert calls[1][:2] == (True, 7)  # 10 * 1079 // 1438: no more optimizer steps than the first
+    assert calls[1][2] == pytest.approx(inherited)  # trained from the inherited weights, not the first's
+    assert val == ("outputs of", pytest.approx(first))  # tuned on the first's val outputs
+    assert deployed is not net and float(deployed.a.weight.sum()) == pytest.approx(inherited + 2 * net.a.weight.numel())

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from sklearn.model_selection import train_test_split
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
 
 from ee_nas.utils import mix_seed
 
@@ -332,10 +332,13 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                           num_workers=self.num_workers, pin_memory=pin, persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self, augment: Mapping[str, Any] | None = None) -> DataLoader:
+    def train_dataloader(self, augment: Mapping[str, Any] | None = None, with_val: bool = False) -> DataLoader:
         """Shuffled by (split_seed, epoch) with per-sample augmentation seeds (`EpochShuffle`); `augment`
-        overrides keys of `data.augment` for this loader (`finetune.augment`; a null key keeps data.augment's)."""
+        overrides keys of `data.augment` for this loader (`finetune.augment`; a null key keeps data.augment's);
+        `with_val` adds the val images, with the training transforms (`finetune.refit`)."""
         ds = self.dataset("train", train_transforms=True, augment=augment)
+        if with_val:
+            ds = _Transformed(ConcatDataset([self._raw["train"], self._raw["val"]]), ds.transform)
         # drop a last batch that could be 1 sample: BatchNorm fails on it in training
         drop_last = len(ds) > self.batch_size
         epoch, done = self._resume_position()

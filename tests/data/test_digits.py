@@ -131,6 +131,25 @@ def test_a_null_key_of_the_override_keeps_data_augment_and_crop_0_turns_the_crop
     assert not torch.allclose(centred, cropped)
 
 
+def test_train_loader_with_val_trains_on_every_train_and_val_image_once_an_epoch():
+    """finetune.refit's loader: the train and val images, each once an epoch, with the training transforms."""
+    dm = make(augment={"random_crop_padding": 0})
+    sizes = dm.split_sizes()
+    loader = dm.train_dataloader(with_val=True)
+    xs, ys = zip(*loader)
+    seen = torch.cat(xs)
+    assert len(seen) == (sizes["train"] + sizes["val"]) // 64 * 64  # the last partial batch dropped
+    rows = {tuple(x.flatten().tolist()): y for x, y in zip(seen, torch.cat(ys).tolist())}
+    for split in ("train", "val"):
+        x, y = dm.split_tensors(split)
+        hits = [rows.get(tuple(xi.flatten().tolist())) for xi in x]
+        assert sum(h is not None for h in hits) > 0.9 * len(x)  # all but the dropped batch's images
+        assert all(h == yi for h, yi in zip(hits, y.tolist()) if h is not None)
+    test = {tuple(x.flatten().tolist()) for x in dm.split_tensors("test")[0]}
+    assert not test & rows.keys()  # never the test images
+    assert len(dm.train_dataloader().dataset) == sizes["train"]  # without it: train only
+
+
 def test_bad_config_fails_early():
     with pytest.raises(DataError, match="mean"):
         DigitsDataModule(mean=[0.1, 0.2, 0.3])

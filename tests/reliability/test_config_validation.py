@@ -73,6 +73,7 @@ BAD = [
     ("hardware.target_macs=1e6", "hardware 'default_35pct': set one of target_macs, target_fraction", ""),
     ("finetune.lr_fraction=0", "finetune.lr_fraction=0 is invalid", "must be > 0"),
     ("finetune.teacher=biggest", "finetune.teacher='biggest' is invalid", "valid: self, largest"),
+    ("finetune.refit=maybe", "finetune.refit='maybe' is invalid", "must be true or false"),
     ("finetune.early_weight=-1", "finetune.early_weight=-1 is invalid", "must be null (training.early_weight) or >= 0"),
     ("seed=-3", "seed=-3 is invalid", "must be an integer in [0, 2**32 - 1]"),
     ("arch=/no/such/arch.yaml", "arch='/no/such/arch.yaml' is invalid", "existing arch.yaml"),
