@@ -73,6 +73,27 @@ def test_fixed_arch_reuses_a_saved_genome(search_run, tmp_path):
     assert again["n_evaluated"] == 0
 
 
+def test_refit_deploys_a_network_trained_on_val_with_the_train_only_networks_thresholds(search_run, tmp_path):
+    """finetune.refit: the same network fine-tuned on train as without refit gives the val outputs and so the
+    thresholds; the deployed weights are another network's (trained on train + val from the inherited ones)."""
+    import numpy as np
+    import torch
+
+    run_dir, _ = search_run
+    same = (f"arch={run_dir / 'arch.yaml'}", f"supernet_from={run_dir}", "trainer.check_val_every_n_epoch=1",
+            "logger=csv")
+    plain = run_pipeline(tmp_path / "plain", *same)
+    refit = run_pipeline(tmp_path / "refit", *same, "finetune.refit=true")
+    assert refit["finetune_refit"] and not plain["finetune_refit"]
+    tuned_on = [np.load(tmp_path / name / "val_logits.npz")["logits"] for name in ("plain", "refit")]
+    np.testing.assert_array_equal(*tuned_on)
+    deployed = [torch.load(tmp_path / name / "subnet.pt", weights_only=False) for name in ("plain", "refit")]
+    np.testing.assert_array_equal(*(np.asarray(d["thresholds"]) for d in deployed))
+    weights = [d["state_dict"] for d in deployed]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0] if weights[0][k].is_floating_point())
+    assert refit["val_acc"] == plain["val_acc"]  # the val accuracy of the network that has not seen val
+
+
 def test_latency_objective_searches_on_measured_latency(tmp_path, monkeypatch):
     """hardware=local_cpu: the LUT is measured, the search and thresholds use avg latency against its target."""
     monkeypatch.setenv("EE_NAS_CACHE", str(tmp_path / "cache"))
