@@ -111,20 +111,20 @@ def _grown(run, genome):
     return big if float(policy.exit_rates @ run.evaluator.cum_cost(big)) <= budget else None
 
 
-def finetune_config(cfg, teacher: str = "self", augment: dict | None = None, refit: bool = False):
-    """The run's config `cfg` with `finetune.teacher` and `finetune.refit` and, if given, `finetune.augment` set:
-    None keeps the run's own augment (merging a null would drop it, back to data.augment's random crop), no
+def finetune_config(cfg, teacher: str = "self", augment: dict | None = None, refit: bool | None = None):
+    """The run's config `cfg` with `finetune.teacher` and, if given, `finetune.augment` and `finetune.refit` set:
+    None keeps the run's own (merging a null augment would drop it, back to data.augment's random crop), no
     progress bar."""
     from omegaconf import OmegaConf
 
-    changes = {"teacher": teacher, "refit": refit, **({} if augment is None else {"augment": augment})}
+    changes = {"teacher": teacher, **{k: v for k, v in (("augment", augment), ("refit", refit)) if v is not None}}
     return OmegaConf.merge(cfg, {"finetune": changes, "trainer": {"enable_progress_bar": False}})
 
 
 def _finetune(run, genome, teacher: str = "self", exit_loss=None, augment: dict | None = None,
-              label_smoothing: float = 0.0, refit: bool = False) -> tuple:
+              label_smoothing: float = 0.0, refit: bool | None = None) -> tuple:
     """The run's fine-tuning of `genome` as `ee_nas.run` does it (`finetune_chosen`), with `finetune.teacher`
-    set to `teacher`, `finetune.refit` to `refit` and `finetune.augment` to `augment` if given (and `exit_loss` in
+    set to `teacher`, and `finetune.augment` to `augment` and `finetune.refit` to `refit` if given (and `exit_loss` in
     place of the module's, if given, and every exit's cross-entropy smoothed by `label_smoothing`); the net, its
     inherited weights, its epoch-end weights and the val outputs to tune its thresholds on (None: its own)."""
     import ee_nas.lit_module as lit

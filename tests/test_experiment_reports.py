@@ -53,16 +53,19 @@ class _Loss:
     final_weight, early_weight, distill_weight, distill_temperature, label_smoothing = 1.0, 2.0, 0.5, 2.0, 0.0
 
 
-def test_probe_keeps_the_runs_own_fine_tuning_augment_unless_a_variant_sets_one():
+@pytest.mark.parametrize("refit", [False, True])
+def test_probe_keeps_the_runs_own_fine_tuning_augment_and_refit_unless_a_variant_sets_them(refit):
     from omegaconf import OmegaConf
 
-    run = OmegaConf.create({"finetune": {"teacher": "self", "augment": {"random_crop_padding": 0, "scale": None}},
-                            "trainer": {"enable_progress_bar": True}})
+    run = OmegaConf.create({"finetune": {"teacher": "self", "augment": {"random_crop_padding": 0, "scale": None},
+                                         "refit": refit}, "trainer": {"enable_progress_bar": True}})
     recipe = refinetune_variants.finetune_config(run)  # a null augment would mean data.augment's crop
     assert recipe.finetune.augment == run.finetune.augment and not recipe.trainer.enable_progress_bar
+    assert recipe.finetune.refit == refit  # the recipe row must reproduce the run
     affine = refinetune_variants.finetune_config(run, "largest", refinetune_variants.AFFINE)
-    assert affine.finetune.teacher == "largest"
+    assert affine.finetune.teacher == "largest" and affine.finetune.refit == refit
     assert affine.finetune.augment == {"random_crop_padding": 0, **refinetune_variants.AFFINE}
+    assert refinetune_variants.finetune_config(run, refit=True).finetune.refit
 
 
 def test_hard_final_loss_weights_the_samples_the_early_exits_are_unsure_of():
