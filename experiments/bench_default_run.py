@@ -25,10 +25,13 @@ KEYS = ("test_acc", "val_acc", "final_exit_test_acc", "pre_finetune_test_acc", "
         "avg_macs", "own_backbone_macs", "taps", "exit_rates", "meets_target")
 
 
-def run_seed(seed: int, work: Path, overrides: list[str]) -> dict:
+def run_seed(seed: int, work: Path, overrides: list[str], threads: int | None = None) -> dict:
+    """One default run; `threads`: torch's intra-op threads (OMP/MKL_NUM_THREADS), None: torch's default."""
     run_dir = work / f"seed{seed}"
     command = [sys.executable, "-m", "ee_nas.run", f"seed={seed}", *overrides, f"hydra.run.dir={run_dir}"]
-    done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+    env = os.environ if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads),
+                                              "MKL_NUM_THREADS": str(threads)}
+    done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"error: seed {seed} failed ({done.returncode}):\n{done.stderr[-2000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -65,21 +68,25 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", type=Path, default=None, help="run directories (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "default_run")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: torch's, one per core); the fine-tuned result can "
+                             "differ by a test image between thread counts")
     parser.add_argument("overrides", nargs="*", help="config overrides passed to every run")
     args = parser.parse_args()
+    threads = "torch's default threads" if args.threads is None else f"{args.threads} torch thread(s)"
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         records = []
         for seed in args.seeds:
-            records.append(run_seed(seed, work, args.overrides))
+            records.append(run_seed(seed, work, args.overrides, args.threads))
             print(f"seed {seed}: {records[-1]['wall_s']:.0f} s, test acc {records[-1]['test_acc']:.4f}", flush=True)
     md = table(records)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, alone, torch's default threads",
+        {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, alone, {threads}",
          "command": "python " + " ".join(sys.argv), "records": records}, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(
-        f"Default run `python -m ee_nas.run seed=S` (target 35%), alone, torch's default threads, timed with "
+        f"Default run `python -m ee_nas.run seed=S` (target 35%), alone, {threads}, timed with "
         f"`/usr/bin/time -v` (`python {' '.join(sys.argv)}`); raw records in `{args.out.name}.json`.\n\n{md}\n")
     print(md)
 
