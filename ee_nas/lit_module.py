@@ -180,8 +180,9 @@ class FinetuneModule(L.LightningModule):
     def forward(self, x):
         return self.net(x)
 
-    def on_train_epoch_start(self):
-        self.net.train()  # extracted nets come in eval mode, and Lightning keeps a module's mode
+    def on_fit_start(self):
+        # extracted nets come in eval mode and Lightning keeps a module's mode; before its check warns of them
+        self.net.train()
 
     def training_step(self, batch, batch_idx):
         x, y = batch
