@@ -86,8 +86,9 @@ def finetune_refit(train, net, epochs: int, evaluator, genome: Genome, refit: bo
     """`train(net, with_val, epochs) -> (net, lr)` on the chosen network; with `refit` (`finetune.refit`) a copy of
     its inherited weights is then trained alike on train + val (a third more digits; for as many steps as the
     first, so it costs one more fine-tuning) and deployed, with thresholds tuned on the val outputs of the one
-    trained on train only, which has not seen them. Returns the network to deploy, the lr and those val outputs
-    (None without refit: tune on the deployed network's own)."""
+    trained on train only, which has not seen them (no refit after 0 epochs). Returns the network to deploy, the
+    lr and those val outputs (None without refit: tune on the deployed network's own)."""
+    refit = refit and epochs > 0
     inherited = copy.deepcopy(net) if refit else None
     net, lr = train(net, False, epochs)
     if not refit:
@@ -147,13 +148,12 @@ def finetune(run_dir: str | Path, arch: str | Path | None = None, epochs: int = 
                             run.evaluator.calibration, run.datamodule.eval_batch_size,
                             logger=CSVLogger(out, name="refit" if with_val else "csv"), teacher=teacher)
 
-    refit = bool(options.get("refit", False)) and epochs > 0
-    net, lr, val = finetune_refit(train, net, epochs, run.evaluator, genome, refit)
+    net, lr, val = finetune_refit(train, net, epochs, run.evaluator, genome, bool(options.get("refit", False)))
     after = evaluate_subnet(run, genome, net, val=val)
     genome.save(out / "arch.yaml")
     save_subnet(out / "subnet.pt", genome, net, after.pop("_thresholds"), run.cfg.thresholds.measure)
     before.pop("_thresholds")
-    summary = {"run_dir": str(run.run_dir), "arch": str(arch_path), "epochs": epochs, "lr": lr, "refit": refit,
+    summary = {"run_dir": str(run.run_dir), "arch": str(arch_path), "epochs": epochs, "lr": lr, "refit": val is not None,
                **target_keys(run), "reference_macs": run.reference_macs,
                "before": {k: before[k] for k in REPORT_KEYS if k in before},
                "after": {k: after[k] for k in REPORT_KEYS if k in after},

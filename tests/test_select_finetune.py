@@ -311,3 +311,6 @@ def test_finetune_refit_deploys_the_inherited_weights_trained_on_train_and_val_t
     assert calls[1][2] == pytest.approx(inherited)  # trained from the inherited weights, not the first's
     assert val == ("outputs of", pytest.approx(first))  # tuned on the first's val outputs
     assert deployed is not net and float(deployed.a.weight.sum()) == pytest.approx(inherited + 2 * net.a.weight.numel())
+    calls.clear()
+    assert finetune_refit(train, net, 0, Evaluator(), genome=None, refit=True)[2] is None  # 0 epochs: nothing to refit
+    assert [c[:2] for c in calls] == [(False, 0)]
