@@ -100,6 +100,38 @@ def finetune_chosen(cfg: DictConfig, net, genome: Genome, evaluator, datamodule,
                  "pre_finetune_val_acc": float(policy.accuracy), "finetune_refit": refit}, val
 
 
+def report_policy(cfg: DictConfig, evaluator, genome: Genome, net, target, val=None) -> tuple:
+    """`net`'s deployed exit policy (`tune_on_val`, on its own val outputs or on `val`'s: `finetune.refit`) and
+    what it does on test: accuracy, avg MACs, avg cost in the objective's unit (and the latency the run's table
+    predicts at batch size 1), exit rates. Returns (report, policy, val outputs, test outputs); the run's
+    summary and `ee_nas.select` / `ee_nas.finetune` report a network alike through it."""
+    out = evaluator.outputs(genome, ("val", "test") if val is None else ("test",), net=net)
+    val, test = out.get("val", val), out["test"]
+    costs = evaluator.costs.costs(genome)
+    cum, cum_cost = costs.cum_macs, evaluator.cum_cost(genome)  # cum_cost: MACs, or ms
+    policy = tune_on_val(cfg, evaluator, genome, val, target)
+    tested = evaluate_policy(test.conf, test.correct, cum, policy.thresholds).to_dict()
+    test_cost = evaluate_policy(test.conf, test.correct, cum_cost, policy.thresholds).avg_macs
+    latency = {}
+    if evaluator.latency is not None:  # predicted by the run's table at batch size 1
+        cum_ms = evaluator.latency.predict(genome)
+        latency = {"cum_latency_ms": cum_ms.tolist(), "val_avg_latency_ms": float(policy.exit_rates @ cum_ms),
+                   "avg_latency_ms": float(np.asarray(tested["exit_rates"]) @ cum_ms)}
+    report = {
+        "val_acc": float(policy.accuracy), "val_avg_macs": float(policy.exit_rates @ cum),
+        "test_acc": tested["accuracy"], "avg_macs": tested["avg_macs"],
+        "relative_macs": tested["avg_macs"] / evaluator.reference_macs,
+        "objective": evaluator.hardware.objective if evaluator.hardware is not None else "macs",
+        "avg_cost": float(test_cost), "val_avg_cost": float(policy.avg_macs), **latency,
+        "final_exit_val_acc": float(val.correct[:, -1].mean()),
+        "final_exit_test_acc": float(test.correct[:, -1].mean()),
+        "meets_target": target is None or test_cost <= target, "val_meets_target": policy.feasible,
+        "exit_rates": tested["exit_rates"], "exit_accs": tested["exit_accs"], "thresholds": tested["thresholds"],
+        "cum_macs": cum.tolist(), "params": costs.params, "n_exits": genome.n_exits, "taps": list(genome.taps),
+    }
+    return report, policy, val, test
+
+
 def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hardware, nas) -> dict:
     """Tune the chosen subnet's thresholds on val, report on test, sweep, write summary.json."""
     supernet = module.supernet.eval()  # each extracted subnet goes to the evaluation device
@@ -120,14 +152,9 @@ def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hard
         genome, search = nas.result["genome"], nas.result
     net = evaluator.subnet(genome)
     net, finetuned, val = finetune_chosen(cfg, net, genome, evaluator, datamodule, target)
-    out = evaluator.outputs(genome, ("val", "test") if val is None else ("test",), net=net)
-    val, test = out.get("val", val), out["test"]
+    report, policy, val, test = report_policy(cfg, evaluator, genome, net, target, val)
     costs = evaluator.costs.costs(genome)
-    cum, cum_cost = costs.cum_macs, evaluator.cum_cost(genome)
-    policy = tune_on_val(cfg, evaluator, genome, val, target)
-    tested = evaluate_policy(test.conf, test.correct, cum, policy.thresholds).to_dict()
-    test_cost = evaluate_policy(test.conf, test.correct, cum_cost, policy.thresholds).avg_macs
-    val_macs = float(policy.exit_rates @ cum)
+    cum = costs.cum_macs
     sweep = threshold_sweep(val.conf, val.correct, test.conf, test.correct, cum,
                             n_points=cfg.thresholds.sweep_points, max_candidates=cfg.thresholds.max_candidates)
     atomic_write_json(run_dir / "threshold_sweep.json", sweep)
@@ -140,27 +167,18 @@ def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hard
     oracle = oracle_policy(test.correct, cum)
     summary = {
         "dataset": datamodule.name, "seed": int(cfg.seed), "search_space": supernet.space.name,
-        "hardware": hardware.name,
-        "test_acc": tested["accuracy"], "final_exit_test_acc": float(test.correct[:, -1].mean()),
-        "val_acc": policy.accuracy, "final_exit_val_acc": float(val.correct[:, -1].mean()),
-        "avg_macs": tested["avg_macs"], "val_avg_macs": val_macs,
+        "hardware": hardware.name, **report,
         "backbone_macs": costs.backbone_macs, "own_backbone_macs": costs.backbone_macs, "reference_macs": ref,
         # did the exits, not a smaller backbone, meet the budget? (DESIGN: exit_saving)
-        "exit_saving": 1.0 - tested["avg_macs"] / costs.backbone_macs,
-        "relative_macs": tested["avg_macs"] / ref, "objective": hardware.objective,
+        "exit_saving": 1.0 - report["avg_macs"] / costs.backbone_macs,
         "target_macs": target if hardware.objective == "macs" else None,
-        "meets_target": target is None or test_cost <= target, "val_meets_target": policy.feasible,
-        "cum_macs": cum.tolist(), "params": costs.params, "n_exits": genome.n_exits, "taps": list(genome.taps),
-        "exit_rates": tested["exit_rates"], "exit_accs": tested["exit_accs"], "thresholds": tested["thresholds"],
         "measure": cfg.thresholds.measure,
         "oracle_test_acc": oracle["accuracy"], "oracle_avg_macs": oracle["avg_macs"],
-        "energy_mj": hardware.energy_mj(tested["avg_macs"]),
+        "energy_mj": hardware.energy_mj(report["avg_macs"]),
         "n_evaluated": search["n_evaluated"], "hypervolume": search["hypervolume"],
         "genome": genome.to_dict(), **finetuned,
     }
     if latency is not None:  # measured on this machine at batch size 1 (hardware.lut_threads threads)
-        cum_ms = latency.predict(genome)
-        summary.update(cum_latency_ms=cum_ms.tolist(), avg_latency_ms=float(np.asarray(tested["exit_rates"]) @ cum_ms),
-                       target_latency_ms=target if hardware.objective == "latency" else None)
+        summary["target_latency_ms"] = target if hardware.objective == "latency" else None
     atomic_write_json(run_dir / "summary.json", summary)
     return summary

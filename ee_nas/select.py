@@ -144,34 +144,10 @@ def evaluate_subnet(run: LoadedRun, genome: Genome, net, val=None) -> dict:
     """Thresholds tuned on val under the run's target (in the objective's unit: avg MACs, or avg latency
     from the run's latency table), accuracy, avg MACs and avg cost reported on test. `val`: the val outputs to
     tune on, if not the net's own (`finetune.refit`: those of the network fine-tuned without val)."""
-    from ee_nas.pipeline import tune_on_val
-    from ee_nas.thresholds import evaluate_policy
+    from ee_nas.pipeline import report_policy
 
-    out = run.evaluator.outputs(genome, ("val", "test") if val is None else ("test",), net=net)
-    val, test = out.get("val", val), out["test"]
-    costs = run.evaluator.costs.costs(genome)
-    cum, cum_cost = costs.cum_macs, run.evaluator.cum_cost(genome)  # cum_cost: MACs, or ms
-    policy = tune_on_val(run.cfg, run.evaluator, genome, val, run.target)  # as the run tuned its chosen network
-    tested = evaluate_policy(test.conf, test.correct, cum, policy.thresholds).to_dict()
-    test_cost = evaluate_policy(test.conf, test.correct, cum_cost, policy.thresholds).avg_macs
-    latency = {}
-    if run.evaluator.latency is not None:  # predicted by the run's table at batch size 1
-        cum_ms = run.evaluator.latency.predict(genome)
-        latency = {"cum_latency_ms": cum_ms.tolist(), "val_avg_latency_ms": float(policy.exit_rates @ cum_ms),
-                   "avg_latency_ms": float(np.asarray(tested["exit_rates"]) @ cum_ms)}
-    return {
-        "val_acc": float(policy.accuracy), "val_avg_macs": float(policy.exit_rates @ cum),
-        "test_acc": tested["accuracy"], "avg_macs": tested["avg_macs"],
-        "relative_macs": tested["avg_macs"] / run.reference_macs,
-        "objective": run.hardware.objective, "avg_cost": float(test_cost), "val_avg_cost": float(policy.avg_macs),
-        **latency,
-        "final_exit_val_acc": float(val.correct[:, -1].mean()),
-        "final_exit_test_acc": float(test.correct[:, -1].mean()),
-        "meets_target": run.target is None or test_cost <= run.target, "val_meets_target": policy.feasible,
-        "exit_rates": tested["exit_rates"], "exit_accs": tested["exit_accs"], "thresholds": tested["thresholds"],
-        "cum_macs": cum.tolist(), "params": costs.params, "n_exits": genome.n_exits, "taps": list(genome.taps),
-        "_thresholds": policy.thresholds,  # the array subnet.pt stores (inf = exit disabled)
-    }
+    report, policy, _, _ = report_policy(run.cfg, run.evaluator, genome, net, run.target, val)
+    return {**report, "_thresholds": policy.thresholds}  # the array subnet.pt stores (inf = exit disabled)
 
 
 def export_selection(run: LoadedRun, picks: list[dict], prefer: str) -> list[dict]:
