@@ -34,14 +34,17 @@ class MultiExitModule(L.LightningModule):
 
     def __init__(self, supernet, optimizer, scheduler=None, n_random: int = 1, final_weight: float = 1.0,
                  early_weight: float = 1.0, distill_weight: float = 0.0, distill_temperature: float = 2.0,
-                 channels_last: bool = False, branch_lr_scale: float = 1.0, calibration_samples: int = 512,
-                 seed: int = 0):
+                 channels_last: bool = False, branch_lr_scale: float = 1.0, exit_grad_scale: float = 1.0,
+                 calibration_samples: int = 512, seed: int = 0):
         super().__init__()
         self.supernet, self.space = supernet, supernet.space
         self.optimizer_cfg, self.scheduler_cfg = optimizer, scheduler
         self.n_random, self.final_weight, self.early_weight = n_random, final_weight, early_weight
         self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
         self.branch_lr_scale = branch_lr_scale
+        if not 0.0 <= exit_grad_scale <= 1.0:
+            raise ValueError(f"training.exit_grad_scale={exit_grad_scale} must lie in [0, 1]")
+        self.supernet.exit_grad_scale = exit_grad_scale
         # NHWC weights and activations: mkldnn's depthwise-conv backward, most of a CPU step, runs faster
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.supernet.to(memory_format=self.memory_format)

@@ -19,7 +19,8 @@ RESUME_IRRELEVANT = ("paths", "logger", "callbacks", "name", "resume", "evaluati
 RESULTS = ("summary.json", "archive.json", "checkpoints/last.ckpt")
 #: keys added after runs were made, at the value that does what those runs did: left out of the recorded config
 #: at that value, so that earlier runs still resume and lend their supernets (`supernet_from`)
-NEUTRAL_DEFAULTS = {"data.augment.rotation_degrees": 0, "data.augment.scale": 0, "finetune.augment": None}
+NEUTRAL_DEFAULTS = {"data.augment.rotation_degrees": 0, "data.augment.scale": 0, "finetune.augment": None,
+                    "training.exit_grad_scale": 1.0}
 
 
 class RunDirError(ConfigError):

@@ -189,6 +189,7 @@ class TrainingConf:  # ee_nas.lit_module.MultiExitModule, less what the pipeline
     distill_temperature: float = 2.0
     channels_last: bool = True
     branch_lr_scale: float = 1.0
+    exit_grad_scale: float = 1.0
 
 
 @dataclass

@@ -56,6 +56,43 @@ def test_branches_train_at_a_scaled_lr_the_backbone_at_the_base_lr(make_backbone
     assert torch.allclose(before[1] - stem.detach(), 0.1 * grads[1], atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.0])
+def test_exit_grad_scale_scales_what_the_early_exits_send_into_the_backbone(make_backbone, make_space, scale):
+    """training.exit_grad_scale: the backbone's gradient from an early exit's loss is that scale times the
+    unscaled one, the branch's own gradient and both forward outputs unchanged."""
+    from ee_nas.lit_module import MultiExitModule
+
+    torch.manual_seed(0)
+    backbone = make_backbone("mobilenetv3_small", in_channels=1, image_size=16)
+    net = MultiExitSupernet(backbone, make_space(backbone, "aebnas"))
+    top = net.space.largest_backbone()
+    genome = Genome(top.depths, top.expands, top.kernels, [ExitBranch(1, (BranchLayer("conv3x3", 16),))])
+    net.train(False)  # BatchNorm in eval mode: the two passes see identical layers
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 3])
+    stem, branch = next(net.backbone.parameters()), net.branches["1"].classifiers["conv3x3"].weight
+
+    def grads(s):
+        MultiExitModule(net, optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
+                        exit_grad_scale=s)
+        net.zero_grad()
+        logits = net(x, genome)
+        F.cross_entropy(logits[0], y).backward()
+        return logits, torch.zeros_like(stem) if stem.grad is None else stem.grad.clone(), branch.grad.clone()
+
+    (full_logits, full_stem, full_branch), (logits, stem_grad, branch_grad) = grads(1.0), grads(scale)
+    assert full_stem.abs().sum() > 0
+    assert torch.allclose(stem_grad, scale * full_stem, atol=1e-7)
+    assert torch.allclose(branch_grad, full_branch) and all(torch.equal(a, b) for a, b in zip(logits, full_logits))
+
+
+def test_exit_grad_scale_outside_0_1_fails_by_name(make_backbone, make_space):
+    from ee_nas.lit_module import MultiExitModule
+
+    backbone = make_backbone("mobilenetv3_small", in_channels=1, image_size=16)
+    with pytest.raises(ValueError, match="exit_grad_scale"):
+        MultiExitModule(MultiExitSupernet(backbone, make_space(backbone, "aebnas")), optimizer={}, exit_grad_scale=2)
+
+
 @pytest.fixture(scope="module")
 def evaluator(make_backbone, make_space):
     torch.manual_seed(0)

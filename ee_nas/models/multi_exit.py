@@ -1,6 +1,7 @@
 """The weight-sharing early-exit supernet and the static multi-exit network it extracts."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ee_nas.models.backbone import ElasticBackbone
@@ -32,12 +33,22 @@ class MultiExitNet(nn.Module):
         return logits
 
 
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """`x` forward; backward, its gradient times `scale` (1: unchanged, 0: none)."""
+    if scale == 1.0 or not x.requires_grad:
+        return x
+    return x.detach() if scale == 0.0 else x * scale + x.detach() * (1.0 - scale)
+
+
 class MultiExitSupernet(nn.Module):
     """Backbone supernet plus one weight-sharing branch supernet at every candidate tap."""
 
-    def __init__(self, backbone: ElasticBackbone, space):
+    def __init__(self, backbone: ElasticBackbone, space, exit_grad_scale: float = 1.0):
         super().__init__()
         self.backbone, self.space = backbone, space
+        # the share of the early exits' gradient that reaches the backbone (0: exits learn on its features
+        # and leave them as the final classifier alone would train them); set by MultiExitModule
+        self.exit_grad_scale = exit_grad_scale
         self.branches = nn.ModuleDict({
             str(t): ElasticBranch(backbone.block_out[t], backbone.num_classes, space.max_layers,
                                   space.ops, space.widths)
@@ -51,7 +62,7 @@ class MultiExitSupernet(nn.Module):
         logits = []
         for block, x in self.backbone.iter_taps(x, genome):
             if block in exits:
-                logits.append(self.branches[str(block)](x, exits[block]))
+                logits.append(self.branches[str(block)](scale_grad(x, self.exit_grad_scale), exits[block]))
         logits.append(self.backbone.head(x))
         return logits
 
