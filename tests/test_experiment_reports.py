@@ -1,5 +1,6 @@
 """The statistics behind the README's Results: paired differences by seed, their t-intervals, and the
 fine-tuning probe's table and loss variant (experiments/compare_baselines.py, refinetune_variants.py)."""
+import json
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import compare_baselines  # noqa: E402
+import paired_results  # noqa: E402
 import refinetune_variants  # noqa: E402
 
 from ee_nas.lit_module import MultiExitModule  # noqa: E402
@@ -28,6 +30,32 @@ def test_paired_differences_match_seeds_and_skip_unpaired_runs():
     records = [rec("static_nas", 0, 0.98), rec("static_nas", 1, 0.97), rec("aebnas", 1, 0.99),
                rec("aebnas", 0, 0.985), rec("aebnas", 2, 0.99), rec("static_nas", 0, 0.5, t=0.5)]
     np.testing.assert_allclose(compare_baselines.paired(records, "aebnas", 0.35), [0.5, 2.0])  # seed 0, 1 (pp)
+
+
+def test_paired_results_pair_two_sweeps_run_by_run_per_seed_set(tmp_path):
+    """A lever that retrained the supernets is its own sweep: its runs pair with the recipe's on (target, seed),
+    unpaired runs and other methods left out, one row per seed set and one over all."""
+    rec = lambda m, s, t, acc: {"method": m, "target_fraction": t, "seed": s, "test_acc": acc,  # noqa: E731
+                                "val_acc": acc - 0.01}
+    lever = [rec("aebnas", 0, 0.25, 0.99), rec("aebnas", 1, 0.25, 0.98), rec("aebnas", 5, 0.25, 0.97),
+             rec("aebnas", 6, 0.5, 0.97), rec("aebnas", 9, 0.5, 0.5), rec("static_nas", 0, 0.25, 0.1)]
+    recipe = [rec("aebnas", 0, 0.25, 0.98), rec("aebnas", 1, 0.25, 0.98), rec("aebnas", 5, 0.25, 0.98),
+              rec("aebnas", 6, 0.5, 0.96), rec("aebnas", 6, 0.25, 0.2)]
+    for name, records in (("lever", lever), ("recipe", recipe)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"records": records}))
+    out = tmp_path / "paired"
+    rows = paired_results.main(["--out", str(out), "--pair", "x", f"{tmp_path / 'lever.json'}:aebnas",
+                                f"{tmp_path / 'recipe.json'}:aebnas"])
+    assert [(r["seeds"], r["pairs"]) for r in rows] == [("0-4", 2), ("5-9", 2), ("all", 4)]
+    expected = {"0-4": [1.0, 0.0], "5-9": [-1.0, 1.0], "all": [1.0, 0.0, -1.0, 1.0]}
+    for r in rows:
+        assert r["test_acc"] == pytest.approx(compare_baselines.t_interval(np.array(expected[r["seeds"]])))
+        assert r["val_acc"] == pytest.approx(r["test_acc"])
+    assert rows[2]["ahead_level_behind"] == [2, 1, 1]
+    assert "| x | all | 4 | +0.25 [" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="no records of method 'fixed'"):
+        paired_results.main(["--out", str(out), "--pair", "x", f"{tmp_path / 'lever.json'}:fixed",
+                             f"{tmp_path / 'recipe.json'}:aebnas"])
 
 
 def _records(variant_acc: dict, recorded: dict) -> list[dict]:
