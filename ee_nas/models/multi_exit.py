@@ -42,13 +42,13 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 class MultiExitSupernet(nn.Module):
     """Backbone supernet plus one weight-sharing branch supernet at every candidate tap."""
+    # the share of the early exits' gradient that reaches the backbone (0: the exits learn on its features and
+    # leave them as the final classifier alone trains them); MultiExitModule sets training.exit_grad_scale
+    exit_grad_scale = 1.0
 
-    def __init__(self, backbone: ElasticBackbone, space, exit_grad_scale: float = 1.0):
+    def __init__(self, backbone: ElasticBackbone, space):
         super().__init__()
         self.backbone, self.space = backbone, space
-        # the share of the early exits' gradient that reaches the backbone (0: exits learn on its features
-        # and leave them as the final classifier alone would train them); set by MultiExitModule
-        self.exit_grad_scale = exit_grad_scale
         self.branches = nn.ModuleDict({
             str(t): ElasticBranch(backbone.block_out[t], backbone.num_classes, space.max_layers,
                                   space.ops, space.widths)
