@@ -134,6 +134,7 @@ class SearchSpaceConf:
     max_exits: int = 3
     search_backbone: bool = True
     min_exit_saving: float = 0.0  # exits must save this share of the network's own backbone cost
+    train_exits: Optional[bool] = None  # branches while the supernet trains; null: where exits may be deployed
     branch: BranchConf = field(default_factory=BranchConf)
 
 

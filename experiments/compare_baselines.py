@@ -63,6 +63,8 @@ METHODS = {  # name -> (overrides, the method whose supernet it searches)
     # the baseline with aebnas' other choice rule: checks that it got the stronger of the two
     "static_nas_within_noise": (["search_space=static_nas", "search=nsga2", "search.choose=within_noise"],
                                 "static_nas"),
+    # static NAS on a supernet trained with aebnas's exits as auxiliary heads (deep supervision), deployed without
+    "static_nas_aux_exits": (["search_space=static_nas_aux_exits", "search=nsga2"], "static_nas_aux_exits"),
     "placement_only": (["search_space=placement_only", "search=nsga2"], "placement_only"),
     "random": (["search_space=aebnas", "search=random"], "aebnas"),
 }

@@ -52,7 +52,7 @@ class MultiExitSupernet(nn.Module):
         self.branches = nn.ModuleDict({
             str(t): ElasticBranch(backbone.block_out[t], backbone.num_classes, space.max_layers,
                                   space.ops, space.widths)
-            for t in (space.candidate_taps if space.max_exits else [])  # a static net needs no branches
+            for t in (space.candidate_taps if space.train_exits else [])  # a static net needs no branches
         })
 
     def forward(self, x, genome):

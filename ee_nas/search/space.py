@@ -20,7 +20,7 @@ OP_COST_ORDER = ("mbconv6", "mbconv3", "conv3x3", "dwsep3x3", "avgpool", "maxpoo
 class SearchSpace:
     def __init__(self, backbone, name: str = "aebnas", exit_taps: str | Sequence[int] = "all",
                  min_exits: int = 1, max_exits: int = 3, search_backbone: bool = True,
-                 branch: Mapping | None = None, min_exit_saving: float = 0.0):
+                 branch: Mapping | None = None, min_exit_saving: float = 0.0, train_exits: bool | None = None):
         branch = dict(branch or {})
         self.name, self.search_backbone = name, bool(search_backbone)
         self.stage_depths, self.min_depth = list(backbone.stage_depths), backbone.min_depth
@@ -48,6 +48,12 @@ class SearchSpace:
                              "0 for a space without early exits")
         # a network whose exits save less than this share of its own backbone's cost is no early-exit network
         self.min_exit_saving = float(min_exit_saving)
+        # branches at every tap while the supernet trains (null: where the search may deploy exits). True with
+        # max_exits 0: auxiliary exits that train the backbone (deep supervision) and are never deployed
+        self.train_exits = bool(self.max_exits) if train_exits is None else bool(train_exits)
+        if self.max_exits and not self.train_exits:
+            raise ValueError(f"search_space.train_exits=false with max_exits={self.max_exits}: the search would "
+                             "deploy exits the supernet never trained")
 
     def _check_branch(self) -> None:
         unknown = [op for op in self.ops if op not in BRANCH_OPS]
@@ -82,8 +88,8 @@ class SearchSpace:
         return one_branch and backbone_fixed and self.min_exits == self.max_exits == len(self.candidate_taps)
 
     def training_taps(self, depths: Sequence[int]) -> list[int]:
-        """Taps that carry a branch while the supernet trains: all active ones (none for a static net)."""
-        return self.active_taps(depths) if self.max_exits else []
+        """Taps that carry a branch while the supernet trains: all active ones (none without `train_exits`)."""
+        return self.active_taps(depths) if self.train_exits else []
 
     def _backbone(self, depths, expands, kernels) -> dict:
         if not self.search_backbone:
