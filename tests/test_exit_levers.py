@@ -93,6 +93,28 @@ def test_exit_grad_scale_outside_0_1_fails_by_name(make_backbone, make_space):
         MultiExitModule(MultiExitSupernet(backbone, make_space(backbone, "aebnas")), optimizer={}, exit_grad_scale=2)
 
 
+def test_static_nas_aux_exits_trains_aebnas_supernet_and_searches_static_networks(make_backbone, make_space):
+    """search_space=static_nas_aux_exits: the same branches and the same training subnets (same draws) as aebnas,
+    so the same supernet; every network its search can draw or repair is static. static_nas trains no branch."""
+    backbone = make_backbone("mobilenetv3_small", in_channels=1, image_size=16)
+    aux, ae, static = (make_space(backbone, n) for n in ("static_nas_aux_exits", "aebnas", "static_nas"))
+    assert aux.train_exits and ae.train_exits and not static.train_exits
+    nets = [MultiExitSupernet(backbone, s) for s in (aux, ae, static)]
+    assert set(nets[0].state_dict()) == set(nets[1].state_dict()) != set(nets[2].state_dict())
+    rng_aux, rng_ae = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(5):
+        assert ([g.key() for g in aux.training_genomes(rng_aux, 2)] ==
+                [g.key() for g in ae.training_genomes(rng_ae, 2)])
+    assert all(g.n_exits > 1 for g in aux.training_genomes(rng_aux, 2))
+    rng = np.random.default_rng(0)
+    assert all(aux.sample(rng).n_exits == 1 for _ in range(20))
+    assert aux.repair(ae.largest()).n_exits == 1 and aux.problems(ae.largest())
+    from ee_nas.search.space import SearchSpace
+
+    with pytest.raises(ValueError, match="train_exits=false with max_exits=3"):
+        SearchSpace(backbone, max_exits=3, train_exits=False)
+
+
 @pytest.fixture(scope="module")
 def evaluator(make_backbone, make_space):
     torch.manual_seed(0)
