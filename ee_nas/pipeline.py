@@ -128,6 +128,8 @@ def report_policy(cfg: DictConfig, evaluator, genome: Genome, net, target, val=N
         "meets_target": target is None or test_cost <= target, "val_meets_target": policy.feasible,
         "exit_rates": tested["exit_rates"], "exit_accs": tested["exit_accs"], "thresholds": tested["thresholds"],
         "cum_macs": cum.tolist(), "params": costs.params, "n_exits": genome.n_exits, "taps": list(genome.taps),
+        # did the exits, not a smaller backbone, meet the budget? (DESIGN: exit_saving)
+        "own_backbone_macs": costs.backbone_macs, "exit_saving": 1.0 - tested["avg_macs"] / costs.backbone_macs,
     }
     return report, policy, val, test
 
@@ -153,8 +155,7 @@ def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hard
     net = evaluator.subnet(genome)
     net, finetuned, val = finetune_chosen(cfg, net, genome, evaluator, datamodule, target)
     report, policy, val, test = report_policy(cfg, evaluator, genome, net, target, val)
-    costs = evaluator.costs.costs(genome)
-    cum = costs.cum_macs
+    cum = np.asarray(report["cum_macs"])
     sweep = threshold_sweep(val.conf, val.correct, test.conf, test.correct, cum,
                             n_points=cfg.thresholds.sweep_points, max_candidates=cfg.thresholds.max_candidates)
     atomic_write_json(run_dir / "threshold_sweep.json", sweep)
@@ -167,10 +168,7 @@ def evaluate_and_report(cfg: DictConfig, run_dir: Path, module, datamodule, hard
     oracle = oracle_policy(test.correct, cum)
     summary = {
         "dataset": datamodule.name, "seed": int(cfg.seed), "search_space": supernet.space.name,
-        "hardware": hardware.name, **report,
-        "backbone_macs": costs.backbone_macs, "own_backbone_macs": costs.backbone_macs, "reference_macs": ref,
-        # did the exits, not a smaller backbone, meet the budget? (DESIGN: exit_saving)
-        "exit_saving": 1.0 - report["avg_macs"] / costs.backbone_macs,
+        "hardware": hardware.name, **report, "backbone_macs": report["own_backbone_macs"], "reference_macs": ref,
         "target_macs": target if hardware.objective == "macs" else None,
         "measure": cfg.thresholds.measure,
         "oracle_test_acc": oracle["accuracy"], "oracle_avg_macs": oracle["avg_macs"],

@@ -7,8 +7,8 @@
 
 `compare_baselines.py` pairs methods within one sweep; a lever that retrains the supernets (its own sweep) is
 paired with the recipe's records here, run by run on (target, seed). Each side is FILES:METHOD, FILES a comma list
-of `compare_baselines.py` results (paths, or names under experiments/results). Writes <out>.md and <out>.json
-(the rows and the paired records), test and val accuracy, mean and 95% t-interval per seed set.
+of `compare_baselines.py` results (paths, or names under experiments/results; they hold the raw records). Writes
+<out>.md and <out>.json (the command and the rows): Δ test and val accuracy, mean and 95% t-interval per seed set.
 """
 from __future__ import annotations
 
