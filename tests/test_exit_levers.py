@@ -13,6 +13,7 @@ from ee_nas.models.branches import classifier_key
 from ee_nas.models.multi_exit import MultiExitSupernet
 from ee_nas.run_dir import adopt_supernet, claim_run_dir
 from ee_nas.search.evaluator import SubnetEvaluator
+from ee_nas.search.space import SearchSpace
 
 
 def test_each_kind_of_branch_trains_its_own_classifier(make_backbone, make_space):
@@ -109,8 +110,6 @@ def test_static_nas_aux_exits_trains_aebnas_supernet_and_searches_static_network
     rng = np.random.default_rng(0)
     assert all(aux.sample(rng).n_exits == 1 for _ in range(20))
     assert aux.repair(ae.largest()).n_exits == 1 and aux.problems(ae.largest())
-    from ee_nas.search.space import SearchSpace
-
     with pytest.raises(ValueError, match="train_exits=false with max_exits=3"):
         SearchSpace(backbone, max_exits=3, train_exits=False)
 
