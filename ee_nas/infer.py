@@ -7,7 +7,9 @@ Arguments (key=value, `--help` lists them): run_dir, input (an image file or a
 folder of images), backend (eager | torchscript | onnx; the exported files are
 made on first use under export_dir, default run_dir/export), threads (torch /
 ONNX Runtime threads, default 1), batch_size (default 64), fold_bn (eager: BatchNorm
-folded into the convolutions, `ee_nas.inference.fold`; default false).
+folded into the convolutions, `ee_nas.inference.fold`; default false), drop_unreached
+(without the exits no val image reaches, `ee_nas.inference.load_run`; default false;
+an export of the other kind under export_dir is replaced).
 
 Each image is read with PIL, converted to the run's channels, resized to the
 run's image size and normalized with the run's mean/std (the `data` section of
@@ -45,6 +47,8 @@ class InferArgs:
     threads: int = arg(1, "torch / ONNX Runtime threads")
     batch_size: int = arg(64, "images per batch")
     fold_bn: bool = arg(False, "eager backend: BatchNorm folded into the convolutions (about 12% faster on a CPU)")
+    drop_unreached: bool = arg(False, "without the exits no val image reaches: the last reached one answers "
+                                      "everything that gets there (ee_nas.inference.load_run)")
 
 
 def parse_args(argv: Sequence[str]) -> dict:
@@ -108,23 +112,23 @@ def make_runtime(run, backend: str, export_dir: str | None, threads: int, fold_b
 
     if backend == "eager":
         return EarlyExitRuntime(run.net, run.thresholds, run.measure, fold_bn=fold_bn)
-    from ee_nas.inference.export import META, ExportedRuntime, export_net
+    from ee_nas.inference.export import META, ExportedRuntime, export_loaded
 
     out = Path(export_dir) if export_dir else run.run_dir / "export"
     meta = out / META
-    if not meta.is_file() or backend not in json.loads(meta.read_text()).get("backends", []):
-        export_net(run.net, out, run.input_shape, run.thresholds, run.measure,
-                   extra={"genome": run.genome.to_dict(), "mean": list(run.mean), "std": list(run.std)})
+    saved = json.loads(meta.read_text()) if meta.is_file() else {}
+    if backend not in saved.get("backends", []) or saved.get("n_exits") != run.net.n_exits:
+        export_loaded(run, out)
     return ExportedRuntime(out, backend, threads=threads)
 
 
 def infer(run_dir: str | Path, input: str | Path, backend: str = "eager", export_dir: str | None = None,
-          threads: int = 1, batch_size: int = 64, fold_bn: bool = False) -> list[dict]:
+          threads: int = 1, batch_size: int = 64, fold_bn: bool = False, drop_unreached: bool = False) -> list[dict]:
     """Classify every image under `input`; one dict per file (file, label, class, exit, n_exits, confidence)."""
     from ee_nas.inference.runtime import load_run
 
     torch.set_num_threads(threads)
-    run = load_run(run_dir)
+    run = load_run(run_dir, drop_unreached)
     runtime = make_runtime(run, backend, export_dir, threads, fold_bn)
     names = class_names(run.cfg)
     files = image_files(Path(input))

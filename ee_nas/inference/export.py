@@ -94,6 +94,10 @@ def export_net(net: nn.Module, out_dir: str | Path, input_shape: Sequence[int], 
                     (_torchscript(module, example, path) if backend == "torchscript"
                      else _onnx(module, example, path, onnx_exporter))
                     files[backend].append(path.name)
+    for path in out.glob("*_*.*"):  # a longer network's files from an earlier export into the same folder
+        part, _, index = path.stem.partition("_")
+        if part in ("segment", "head") and index.isdigit() and int(index) >= n_exits and path.suffix in SUFFIX.values():
+            path.unlink()
     meta = {
         "thresholds": [float(v) if np.isfinite(v) else None for v in t],
         "measure": measure, "n_exits": n_exits, "input_shape": list(input_shape),
@@ -106,12 +110,19 @@ def export_net(net: nn.Module, out_dir: str | Path, input_shape: Sequence[int], 
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, backends: Sequence[str] = BACKENDS,
-               onnx_exporter: str = "auto") -> Path:
-    """Export the chosen subnet of a finished run (default: into run_dir/export)."""
-    run = load_run(run_dir)
-    out = Path(out_dir) if out_dir is not None else run.run_dir / "export"
-    return export_net(run.net, out, run.input_shape, run.thresholds, run.measure, backends, onnx_exporter,
-                      extra={"genome": run.genome.to_dict(), "mean": list(run.mean), "std": list(run.std)})
+               onnx_exporter: str = "auto", drop_unreached: bool = False) -> Path:
+    """Export the chosen subnet of a finished run (default: into run_dir/export; `drop_unreached`: without
+    the exits no val image reaches, see `load_run`)."""
+    run = load_run(run_dir, drop_unreached)
+    return export_loaded(run, out_dir if out_dir is not None else run.run_dir / "export", backends, onnx_exporter)
+
+
+def export_loaded(run, out_dir: str | Path, backends: Sequence[str] = BACKENDS, onnx_exporter: str = "auto") -> Path:
+    """Export a `LoadedRun`'s network; thresholds.json also holds its genome, normalization and how many of the
+    genome's exits were dropped (`load_run(drop_unreached=True)`)."""
+    extra = {"genome": run.genome.to_dict(), "mean": list(run.mean), "std": list(run.std),
+             "dropped_exits": run.genome.n_exits - run.net.n_exits}
+    return export_net(run.net, out_dir, run.input_shape, run.thresholds, run.measure, backends, onnx_exporter, extra)
 
 
 class ExportedRuntime(_ExitRule):

@@ -233,9 +233,10 @@ class EarlyExitRuntime(_ExitRule):
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, device: str | torch.device = "cpu",
-                     fold_bn: bool = False) -> "EarlyExitRuntime":
-        """The chosen subnet of a finished run (arch.yaml + subnet.pt), with its tuned thresholds."""
-        run = load_run(run_dir)
+                     fold_bn: bool = False, drop_unreached: bool = False) -> "EarlyExitRuntime":
+        """The chosen subnet of a finished run (arch.yaml + subnet.pt), with its tuned thresholds
+        (`drop_unreached`: see `load_run`)."""
+        run = load_run(run_dir, drop_unreached)
         rt = cls(run.net, run.thresholds, run.measure, device=device, fold_bn=fold_bn)
         rt.run = run
         return rt
@@ -309,8 +310,13 @@ def _per_channel(values, default, channels: int) -> tuple[float, ...]:
     return tuple(values * channels if len(values) == 1 else values)
 
 
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """Rebuild the chosen static subnet of a run: config -> supernet -> extract(genome) -> saved weights."""
+def load_run(run_dir: str | Path, drop_unreached: bool = False) -> LoadedRun:
+    """Rebuild the chosen static subnet of a run: config -> supernet -> extract(genome) -> saved weights.
+
+    `drop_unreached`: keep only the exits that answer some val image under the tuned thresholds
+    (`reached_exits`); the last of them then takes every sample that gets there, and the blocks after
+    it are not loaded, run or exported. Nothing changes on val; a test image that would have gone on
+    is answered there instead."""
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
@@ -336,14 +342,34 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         except Exception:  # noqa: BLE001 - a renamed class only loses its default normalization
             pass
     size = int(data["image_size"])
+    thresholds, measure = normalize_thresholds(saved["thresholds"], n_exits), str(saved["measure"])
+    if drop_unreached:
+        keep = reached_exits(run_dir, thresholds, measure)
+        net, thresholds = net.truncated(keep), normalize_thresholds(thresholds[:keep], keep)
     return LoadedRun(
-        run_dir=run_dir, cfg=cfg, genome=genome, net=net,
-        thresholds=normalize_thresholds(saved["thresholds"], n_exits), measure=str(saved["measure"]),
+        run_dir=run_dir, cfg=cfg, genome=genome, net=net, thresholds=thresholds, measure=measure,
         input_shape=(in_channels, size, size),
         mean=_per_channel(data.get("mean"), getattr(dm_cls, "default_mean", (0.5,)), in_channels),
         std=_per_channel(data.get("std"), getattr(dm_cls, "default_std", (0.5,)), in_channels),
         num_classes=num_classes,
     )
+
+
+def reached_exits(run_dir: Path, thresholds: np.ndarray, measure: str) -> int:
+    """1 + the last exit that answers a val image under `thresholds`, from the run's val outputs
+    (`val_logits.npz`, written with summary.json: those the thresholds were tuned on)."""
+    from ee_nas.thresholds.tuner import exit_indices
+
+    path = run_dir / "val_logits.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: drop_unreached needs the val outputs the run's report "
+                                "stage writes; use the full network (drop_unreached=false)")
+    with np.load(path) as saved:
+        logits = saved["logits"]
+    if logits.ndim != 3 or logits.shape[1] != len(thresholds):
+        raise ValueError(f"{path} holds logits of shape {logits.shape}, not [N, {len(thresholds)}, classes]: "
+                         "it is not this subnet's; rerun the report stage")
+    return int(exit_indices(confidence(logits, measure), thresholds).max()) + 1
 
 
 def feature_shapes(net: nn.Module, input_shape: Sequence[int]) -> list[tuple[int, ...]]:

@@ -25,6 +25,13 @@ class MultiExitNet(nn.Module):
     def n_exits(self) -> int:
         return len(self.heads)
 
+    def truncated(self, n_exits: int) -> "MultiExitNet":
+        """The first `n_exits` exits (sharing their modules): exit `n_exits - 1` becomes the final one, and the
+        blocks after its tap are gone (`ee_nas.inference.load_run(drop_unreached=True)`)."""
+        if not 1 <= n_exits <= self.n_exits:
+            raise ValueError(f"cannot keep {n_exits} exits of a network with {self.n_exits}")
+        return MultiExitNet(list(self.segments[:n_exits]), list(self.heads[:n_exits]), self.taps[:n_exits - 1])
+
     def forward(self, x):
         logits = []
         for segment, head in zip(self.segments, self.heads):

@@ -162,3 +162,63 @@ def test_infer_cli_prints_class_exit_and_confidence(run_dir, tmp_path, capsys, m
 def test_infer_cli_usage_errors(args, match, capsys):
     assert infer_main(args) == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.fixture
+def tail_run_dir(run_dir, net, images, tmp_path):
+    """`run_dir` with val outputs (`images`) and thresholds under which no val image reaches the final exit."""
+    import shutil
+
+    out = shutil.copytree(run_dir, tmp_path / "run")
+    with torch.no_grad():
+        logits = torch.stack(net(images), 1).numpy()
+    conf = confidence(logits)
+    t0 = np.median(conf[:, 0])
+    t1 = conf[conf[:, 0] < t0, 1].min()  # every val image that reaches exit 1 leaves there
+    torch.save({"genome": GENOME.to_dict(), "state_dict": net.state_dict(), "thresholds": np.array([t0, t1, 0.0]),
+                "measure": "max_softmax"}, out / "subnet.pt")
+    np.savez_compressed(out / "val_logits.npz", logits=logits, labels=np.zeros(len(images)), cum_macs=np.ones(3))
+    return out
+
+
+def test_drop_unreached_keeps_the_exits_val_reaches(tail_run_dir, images):
+    from ee_nas.inference.runtime import load_run
+
+    full, cut = load_run(tail_run_dir), load_run(tail_run_dir, drop_unreached=True)
+    assert (full.net.n_exits, cut.net.n_exits) == (3, 2) and cut.net.taps == [0]
+    assert sum(p.numel() for p in cut.net.parameters()) < sum(p.numel() for p in full.net.parameters())
+    assert cut.thresholds.tolist() == [full.thresholds[0], 0.0]
+    eager = EarlyExitRuntime(cut.net, cut.thresholds, cut.measure)
+    on_val = eager.classify(images)
+    np.testing.assert_array_equal(on_val.exits, EarlyExitRuntime.from_run_dir(tail_run_dir).classify(images).exits)
+    # unseen images that would go on to the dropped tail are answered by the last kept exit
+    unseen = torch.randn(200, 1, 16, 16, generator=torch.Generator().manual_seed(7))
+    before, after = EarlyExitRuntime(full.net, full.thresholds, full.measure).classify(unseen), eager.classify(unseen)
+    went_on = before.exits == 2
+    assert went_on.any() and (after.exits[went_on] == 1).all()
+    np.testing.assert_array_equal(after.labels[~went_on], before.labels[~went_on])
+    out = export_run(tail_run_dir, backends=["onnx"], drop_unreached=True)
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["head_0.onnx", "head_1.onnx", "segment_0.onnx",
+                                                         "segment_1.onnx"]
+    assert json.loads((out / "thresholds.json").read_text())["dropped_exits"] == 1
+    exported = ExportedRuntime(out, "onnx").classify(unseen)
+    np.testing.assert_array_equal(exported.exits, after.exits)
+    np.testing.assert_array_equal(exported.labels, after.labels)
+
+
+def test_drop_unreached_keeps_a_final_exit_val_reaches_and_needs_val_outputs(run_dir, tail_run_dir, capsys):
+    from ee_nas.inference.runtime import load_run
+
+    (tail_run_dir / "val_logits.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="val_logits.npz is missing"):
+        load_run(tail_run_dir, drop_unreached=True)
+    import shutil
+
+    shutil.copy(run_dir / "subnet.pt", tail_run_dir / "subnet.pt")  # median thresholds: the final exit answers some
+    with torch.no_grad():
+        logits = torch.stack(load_run(run_dir).net(torch.randn(30, 1, 16, 16)), 1).numpy()
+    np.savez_compressed(tail_run_dir / "val_logits.npz", logits=logits)
+    assert load_run(tail_run_dir, drop_unreached=True).net.n_exits == 3
+    np.savez_compressed(tail_run_dir / "val_logits.npz", logits=logits[:, :2])
+    with pytest.raises(ValueError, match="not this subnet's"):
+        load_run(tail_run_dir, drop_unreached=True)
