@@ -43,7 +43,8 @@ def markdown(records: list[dict], command: str) -> str:
              "| run | exits kept | params (full → kept) | test acc (%) full → kept | avg MACs / largest full → kept |",
              "|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['run_dir']} | {r['kept']} of {r['exits']} | {r['full_params']:,} → {r['cut_params']:,} | "
+        lines.append(f"| {r['run_dir']} | {r['kept']} of {r['exits']} | "
+                     f"{r['full_params']:,} → {r['cut_params']:,} | "
                      f"{100 * r['full_test_acc']:.2f} → {100 * r['cut_test_acc']:.2f} | "
                      f"{r['full_relative_macs']:.3f} → {r['cut_relative_macs']:.3f} |")
     dropped = [r for r in records if r["kept"] < r["exits"]]

@@ -315,8 +315,8 @@ def load_run(run_dir: str | Path, drop_unreached: bool = False) -> LoadedRun:
 
     `drop_unreached`: keep only the exits that answer some val image under the tuned thresholds
     (`reached_exits`); the last of them then takes every sample that gets there, and the blocks after
-    it are not loaded, run or exported. Nothing changes on val; a test image that would have gone on
-    is answered there instead."""
+    it are cut from the network (not run, not exported). Nothing changes on val; a test image that would
+    have gone on is answered there instead."""
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 

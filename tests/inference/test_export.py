@@ -1,5 +1,6 @@
 """TorchScript and ONNX export of every segment and head: same outputs (1e-5) and same exits as eager."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 from ee_nas.infer import main as infer_main
 from ee_nas.inference.export import ExportedRuntime, export_net, export_run
 from ee_nas.inference.fold import fold_batchnorm
-from ee_nas.inference.runtime import EarlyExitRuntime
+from ee_nas.inference.runtime import EarlyExitRuntime, load_run
 from ee_nas.models.multi_exit import MultiExitSupernet
 from ee_nas.genome import BranchLayer, ExitBranch, Genome
 from ee_nas.thresholds.confidence import confidence
@@ -167,8 +168,6 @@ def test_infer_cli_usage_errors(args, match, capsys):
 @pytest.fixture
 def tail_run_dir(run_dir, net, images, tmp_path):
     """`run_dir` with val outputs (`images`) and thresholds under which no val image reaches the final exit."""
-    import shutil
-
     out = shutil.copytree(run_dir, tmp_path / "run")
     with torch.no_grad():
         logits = torch.stack(net(images), 1).numpy()
@@ -182,8 +181,6 @@ def tail_run_dir(run_dir, net, images, tmp_path):
 
 
 def test_drop_unreached_keeps_the_exits_val_reaches(tail_run_dir, images):
-    from ee_nas.inference.runtime import load_run
-
     full, cut = load_run(tail_run_dir), load_run(tail_run_dir, drop_unreached=True)
     assert (full.net.n_exits, cut.net.n_exits) == (3, 2) and cut.net.taps == [0]
     assert sum(p.numel() for p in cut.net.parameters()) < sum(p.numel() for p in full.net.parameters())
@@ -206,14 +203,10 @@ def test_drop_unreached_keeps_the_exits_val_reaches(tail_run_dir, images):
     np.testing.assert_array_equal(exported.labels, after.labels)
 
 
-def test_drop_unreached_keeps_a_final_exit_val_reaches_and_needs_val_outputs(run_dir, tail_run_dir, capsys):
-    from ee_nas.inference.runtime import load_run
-
+def test_drop_unreached_keeps_a_final_exit_val_reaches_and_needs_val_outputs(run_dir, tail_run_dir):
     (tail_run_dir / "val_logits.npz").unlink()
     with pytest.raises(FileNotFoundError, match="val_logits.npz is missing"):
         load_run(tail_run_dir, drop_unreached=True)
-    import shutil
-
     shutil.copy(run_dir / "subnet.pt", tail_run_dir / "subnet.pt")  # median thresholds: the final exit answers some
     with torch.no_grad():
         logits = torch.stack(load_run(run_dir).net(torch.randn(30, 1, 16, 16)), 1).numpy()
@@ -222,3 +215,17 @@ def test_drop_unreached_keeps_a_final_exit_val_reaches_and_needs_val_outputs(run
     np.savez_compressed(tail_run_dir / "val_logits.npz", logits=logits[:, :2])
     with pytest.raises(ValueError, match="not this subnet's"):
         load_run(tail_run_dir, drop_unreached=True)
+
+
+def test_infer_cli_drop_unreached_reexports_the_shorter_network(tail_run_dir, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / f"img{i}.png")
+    common = [f"run_dir={tail_run_dir}", f"input={folder}", "backend=torchscript", f"export_dir={tmp_path / 'exp'}"]
+    assert infer_main(common) == 0 and all("/3" in line for line in capsys.readouterr().out.splitlines())
+    assert infer_main(common + ["drop_unreached=true"]) == 0  # the folder's 3-exit export is replaced
+    assert all("/2" in line for line in capsys.readouterr().out.splitlines())
+    assert json.loads((tmp_path / "exp" / "thresholds.json").read_text())["n_exits"] == 2
+    assert not (tmp_path / "exp" / "segment_2.pt").exists()
