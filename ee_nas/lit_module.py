@@ -35,7 +35,7 @@ class MultiExitModule(L.LightningModule):
     def __init__(self, supernet, optimizer, scheduler=None, n_random: int = 1, final_weight: float = 1.0,
                  early_weight: float = 1.0, distill_weight: float = 0.0, distill_temperature: float = 2.0,
                  channels_last: bool = False, branch_lr_scale: float = 1.0, exit_grad_scale: float = 1.0,
-                 calibration_samples: int = 512, seed: int = 0):
+                 exit_grad_from: str = "all", calibration_samples: int = 512, seed: int = 0):
         super().__init__()
         self.supernet, self.space = supernet, supernet.space
         self.optimizer_cfg, self.scheduler_cfg = optimizer, scheduler
@@ -44,7 +44,10 @@ class MultiExitModule(L.LightningModule):
         self.branch_lr_scale = branch_lr_scale
         if not 0.0 <= exit_grad_scale <= 1.0:
             raise ValueError(f"training.exit_grad_scale={exit_grad_scale} must lie in [0, 1]")
-        self.supernet.exit_grad_scale = exit_grad_scale
+        if exit_grad_from not in ("all", "largest"):
+            raise ValueError(f"training.exit_grad_from={exit_grad_from!r} must be 'all' or 'largest'")
+        self.supernet.exit_grad_scale = self.exit_grad_scale = exit_grad_scale
+        self.exit_grad_from = exit_grad_from
         # NHWC weights and activations: mkldnn's depthwise-conv backward, most of a CPU step, runs faster
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.supernet.to(memory_format=self.memory_format)
@@ -88,12 +91,15 @@ class MultiExitModule(L.LightningModule):
         genomes = self.space.training_genomes(self.rng, self.n_random)
         total, teacher = 0.0, None
         for i, genome in enumerate(genomes):
+            # exit_grad_from=largest: the other subnets' exits learn on the backbone's features, not shape them
+            self.supernet.exit_grad_scale = self.exit_grad_scale if i == 0 or self.exit_grad_from == "all" else 0.0
             logits = self.supernet(x, genome)
             loss = self.exit_loss(logits, y, teacher)
             if i == 0:  # the largest subnet teaches the others
                 teacher = logits[-1].detach()
                 self.log("train/acc_final", (logits[-1].argmax(1) == y).float().mean(), prog_bar=True)
             total = total + loss
+        self.supernet.exit_grad_scale = self.exit_grad_scale
         if not torch.isfinite(total):
             raise NonFiniteLossError(
                 f"training loss became {total.item()} at epoch {self.current_epoch}, step {self.global_step}; "

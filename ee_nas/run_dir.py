@@ -20,7 +20,8 @@ RESULTS = ("summary.json", "archive.json", "checkpoints/last.ckpt")
 #: keys added after runs were made, at the value that does what those runs did: left out of the recorded config
 #: at that value, so that earlier runs still resume and lend their supernets (`supernet_from`)
 NEUTRAL_DEFAULTS = {"data.augment.rotation_degrees": 0, "data.augment.scale": 0, "finetune.augment": None,
-                    "training.exit_grad_scale": 1.0, "search_space.train_exits": None}
+                    "training.exit_grad_scale": 1.0, "training.exit_grad_from": "all",
+                    "search_space.train_exits": None}
 
 
 class RunDirError(ConfigError):

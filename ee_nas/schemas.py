@@ -191,6 +191,7 @@ class TrainingConf:  # ee_nas.lit_module.MultiExitModule, less what the pipeline
     channels_last: bool = True
     branch_lr_scale: float = 1.0
     exit_grad_scale: float = 1.0
+    exit_grad_from: str = "all"
 
 
 @dataclass

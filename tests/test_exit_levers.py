@@ -206,3 +206,44 @@ def test_a_run_starts_from_another_runs_supernet_only_if_it_trained_the_same_one
     assert not (wrong / "checkpoints").exists()
     with pytest.raises(ConfigError, match="no supernet checkpoint"):
         adopt_supernet(compose_run(wrong, f"supernet_from={tmp_path / 'missing'}"), wrong)
+
+
+def test_exit_grad_from_largest_keeps_the_other_subnets_exits_out_of_the_backbone(make_backbone, make_space):
+    """training.exit_grad_from=largest: a training step's backbone gradient is the largest subnet's whole loss plus
+    only the final exits of the other subnets; with `all` the other subnets' early exits add to it."""
+    from ee_nas.lit_module import MultiExitModule
+
+    backbone = make_backbone("mobilenetv3_small", in_channels=1, image_size=16)
+    net = MultiExitSupernet(backbone, make_space(backbone, "aebnas"))
+    net.train(False)  # BatchNorm in eval mode: every pass sees identical layers
+    x, y = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3])
+    stem = next(net.backbone.parameters())
+
+    def step_grad(source):
+        module = MultiExitModule(net, optimizer={}, n_random=1, exit_grad_from=source, seed=3)
+        module.log = lambda *a, **k: None
+        net.zero_grad()
+        module.training_step((x, y), 0).backward()
+        assert net.exit_grad_scale == 1.0  # restored after the step
+        return stem.grad.clone()
+
+    def reference(scales):  # the same step by hand: each subnet's loss with its own exit gradient scale
+        module = MultiExitModule(net, optimizer={}, n_random=1, seed=3)
+        net.zero_grad()
+        genomes = module.space.training_genomes(module.rng, 1)
+        teacher, total = None, 0.0
+        for genome, scale in zip(genomes, scales(len(genomes))):
+            net.exit_grad_scale = scale
+            logits = net(x, genome)
+            total = total + module.exit_loss(logits, y, teacher)
+            teacher = logits[-1].detach() if teacher is None else teacher
+        (total / len(genomes)).backward()
+        net.exit_grad_scale = 1.0
+        return stem.grad.clone()
+
+    largest_only, every = step_grad("largest"), step_grad("all")
+    assert torch.allclose(largest_only, reference(lambda n: [1.0] + [0.0] * (n - 1)), atol=1e-6)
+    assert torch.allclose(every, reference(lambda n: [1.0] * n), atol=1e-6)
+    assert not torch.allclose(largest_only, every, atol=1e-6)
+    with pytest.raises(ValueError, match="exit_grad_from"):
+        MultiExitModule(net, optimizer={}, exit_grad_from="smallest")
