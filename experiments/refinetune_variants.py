@@ -30,6 +30,11 @@ thresholds re-tuned on val and scored on test, as `ee_nas.run` does:
   the test digits are centred as the training ones are.
 - `label_smoothing`: every exit's cross-entropy with label smoothing 0.1 (soft targets that keep the exits'
   confidences from saturating on the 1,078 training digits, which the thresholds then rank).
+- `distill0`, `distill1`: the early exits' self-distillation from the network's own final exit at weight 0 / 1
+  instead of the recipe's `training.distill_weight` (0.5) (the final exit's own term is zero: a static network's
+  fine-tuning is unchanged);
+- `branch_lr3`, `branch_lr10`: the early exits' heads at 3x / 10x the fine-tuning lr (the supernet trains its
+  branches at `training.branch_lr_scale`; the fine-tuning at 1x), the backbone as the recipe;
 - `refit`: the recipe, then the inherited weights fine-tuned alike on train + val (a third more digits) and
   deployed with the thresholds tuned on val for the recipe's network (`finetune.refit=true`); its val accuracy
   is the recipe's.
@@ -56,7 +61,7 @@ import numpy as np
 AVERAGES = ("swa_half", "swa_all", "wise0.5", "wise0.75")
 EPOCH_CHOICES = ("best_val", "best_val_or_inherited")
 VARIANTS = ("recipe", *AVERAGES, "teacher", "hard_final", *EPOCH_CHOICES, "grow_tail", "affine", "teacher_affine",
-            "no_crop", "label_smoothing", "refit")
+            "no_crop", "label_smoothing", "refit", "distill0", "distill1", "branch_lr3", "branch_lr10")
 AFFINE = {"rotation_degrees": 12.0, "scale": 0.1}  # the `affine` variant's `finetune.augment`
 LABEL_SMOOTHING = 0.1  # the `label_smoothing` variant's, of every exit's cross-entropy
 
@@ -111,36 +116,52 @@ def _grown(run, genome):
     return big if float(policy.exit_rates @ run.evaluator.cum_cost(big)) <= budget else None
 
 
-def finetune_config(cfg, teacher: str = "self", augment: dict | None = None, refit: bool | None = None):
-    """The run's config `cfg` with `finetune.teacher` and, if given, `finetune.augment` and `finetune.refit` set:
-    None keeps the run's own (merging a null augment would drop it, back to data.augment's random crop), no
-    progress bar."""
+def finetune_config(cfg, teacher: str = "self", augment: dict | None = None, refit: bool | None = None,
+                    training: dict | None = None):
+    """The run's config `cfg` with `finetune.teacher` and, if given, `finetune.augment`, `finetune.refit` and the
+    `training` keys the fine-tuning reads set: None keeps the run's own (merging a null augment would drop it, back
+    to data.augment's random crop), no progress bar."""
     from omegaconf import OmegaConf
 
     changes = {"teacher": teacher, **{k: v for k, v in (("augment", augment), ("refit", refit)) if v is not None}}
-    return OmegaConf.merge(cfg, {"finetune": changes, "trainer": {"enable_progress_bar": False}})
+    return OmegaConf.merge(cfg, {"finetune": changes, "training": training or {},
+                                 "trainer": {"enable_progress_bar": False}})
 
 
-def _finetune(run, genome, teacher: str = "self", exit_loss=None, augment: dict | None = None,
-              label_smoothing: float = 0.0, refit: bool | None = None) -> tuple:
-    """The run's fine-tuning of `genome` as `ee_nas.run` does it (`finetune_chosen`), with `finetune.teacher`
-    set to `teacher`, and `finetune.augment` to `augment` and `finetune.refit` to `refit` if given (and `exit_loss` in
-    place of the module's, if given, and every exit's cross-entropy smoothed by `label_smoothing`); the net, its
-    inherited weights, its epoch-end weights and the val outputs to tune its thresholds on (None: its own)."""
+def probe_module(snapshots: list, exit_loss=None, label_smoothing: float = 0.0, head_lr_scale: float = 1.0):
+    """`FinetuneModule` that appends its net's epoch-end weights to `snapshots`, with `exit_loss` (if given) and
+    `label_smoothing`, its early exits' heads at `head_lr_scale` times the lr."""
     import ee_nas.lit_module as lit
-    from ee_nas.pipeline import finetune_chosen
-
-    snapshots = []
 
     class Probe(lit.FinetuneModule):
+        branch_lr_scale = head_lr_scale
+
         def on_train_epoch_end(self):
             snapshots.append({k: v.detach().clone() for k, v in self.net.state_dict().items()})
+
+        def branch_parameters(self):
+            return [] if head_lr_scale == 1.0 else [p for head in self.net.heads[:-1] for p in head.parameters()]
 
     if exit_loss is not None:
         Probe.exit_loss = exit_loss
     Probe.label_smoothing = label_smoothing
+    return Probe
 
-    cfg = finetune_config(run.cfg, teacher, augment, refit)
+
+def _finetune(run, genome, teacher: str = "self", exit_loss=None, augment: dict | None = None,
+              label_smoothing: float = 0.0, refit: bool | None = None, training: dict | None = None,
+              head_lr_scale: float = 1.0) -> tuple:
+    """The run's fine-tuning of `genome` as `ee_nas.run` does it (`finetune_chosen`), with `finetune.teacher`
+    set to `teacher`, and `finetune.augment` to `augment`, `finetune.refit` to `refit` and `training`'s keys if given
+    (and `exit_loss` in place of the module's, if given, every exit's cross-entropy smoothed by `label_smoothing`,
+    the early exits' heads at `head_lr_scale` times the lr); the net, its inherited weights, its epoch-end weights
+    and the val outputs to tune its thresholds on (None: its own)."""
+    import ee_nas.lit_module as lit
+    from ee_nas.pipeline import finetune_chosen
+
+    snapshots = []
+    Probe = probe_module(snapshots, exit_loss, label_smoothing, head_lr_scale)
+    cfg = finetune_config(run.cfg, teacher, augment, refit, training)
     net = run.evaluator.subnet(genome)
     pre = {k: v.detach().clone() for k, v in net.state_dict().items()}
     original, lit.FinetuneModule = lit.FinetuneModule, Probe
@@ -219,6 +240,14 @@ def probe(run_dir: str, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
     if "refit" in variants:
         net, _, _, val = _finetune(run, genome, refit=True)
         records.append({**base, "variant": "refit", **_score(run, genome, net, val)})
+    for name, weight in (("distill0", 0.0), ("distill1", 1.0)):
+        if name in variants:
+            net, *_ = _finetune(run, genome, training={"distill_weight": weight})
+            records.append({**base, "variant": name, **_score(run, genome, net)})
+    for name, scale in (("branch_lr3", 3.0), ("branch_lr10", 10.0)):
+        if name in variants:
+            net, *_ = _finetune(run, genome, head_lr_scale=scale)
+            records.append({**base, "variant": name, **_score(run, genome, net)})
     print(f"[done] {method} t{target} seed{seed}: {time.perf_counter() - started:.0f} s", flush=True)
     return records
 

@@ -94,6 +94,27 @@ def test_probe_keeps_the_runs_own_fine_tuning_augment_and_refit_unless_a_variant
     assert affine.finetune.teacher == "largest" and affine.finetune.refit == refit
     assert affine.finetune.augment == {"random_crop_padding": 0, **refinetune_variants.AFFINE}
     assert refinetune_variants.finetune_config(run, refit=True).finetune.refit
+    assert refinetune_variants.finetune_config(run, training={"distill_weight": 0.0}).training.distill_weight == 0.0
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_probe_trains_the_early_heads_at_their_lr_scale_and_the_rest_at_the_lr(scale):
+    """branch_lr3/10: the early exits' heads learn at that multiple of the fine-tuning lr, the final head and the
+    backbone segments at the lr itself, each parameter in exactly one group."""
+    from torch import nn
+
+    from ee_nas.models.multi_exit import MultiExitNet
+
+    net = MultiExitNet([nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)],
+                       [nn.Sequential(nn.Flatten(), nn.LazyLinear(10)), nn.Sequential(nn.Flatten(), nn.LazyLinear(10))],
+                       [0])
+    net(torch.zeros(1, 1, 8, 8))  # materialize the lazy heads
+    module = refinetune_variants.probe_module([], head_lr_scale=scale)(
+        net, {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1})
+    lr = {id(p): group["lr"] for group in module.configure_optimizers().param_groups for p in group["params"]}
+    assert len(lr) == len(list(net.parameters()))
+    assert all(lr[id(p)] == pytest.approx(0.1 * scale) for p in net.heads[0].parameters())
+    assert all(lr[id(p)] == pytest.approx(0.1) for m in (net.heads[1], *net.segments) for p in m.parameters())
 
 
 def test_hard_final_loss_weights_the_samples_the_early_exits_are_unsure_of():
