@@ -46,8 +46,7 @@ class MultiExitModule(L.LightningModule):
             raise ValueError(f"training.exit_grad_scale={exit_grad_scale} must lie in [0, 1]")
         if exit_grad_from not in ("all", "largest"):
             raise ValueError(f"training.exit_grad_from={exit_grad_from!r} must be 'all' or 'largest'")
-        self.supernet.exit_grad_scale = self.exit_grad_scale = exit_grad_scale
-        self.exit_grad_from = exit_grad_from
+        self.supernet.exit_grad_scale, self.exit_grad_from = exit_grad_scale, exit_grad_from
         # NHWC weights and activations: mkldnn's depthwise-conv backward, most of a CPU step, runs faster
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.supernet.to(memory_format=self.memory_format)
@@ -92,14 +91,12 @@ class MultiExitModule(L.LightningModule):
         total, teacher = 0.0, None
         for i, genome in enumerate(genomes):
             # exit_grad_from=largest: the other subnets' exits learn on the backbone's features, not shape them
-            self.supernet.exit_grad_scale = self.exit_grad_scale if i == 0 or self.exit_grad_from == "all" else 0.0
-            logits = self.supernet(x, genome)
+            logits = self.supernet(x, genome, None if i == 0 or self.exit_grad_from == "all" else 0.0)
             loss = self.exit_loss(logits, y, teacher)
             if i == 0:  # the largest subnet teaches the others
                 teacher = logits[-1].detach()
                 self.log("train/acc_final", (logits[-1].argmax(1) == y).float().mean(), prog_bar=True)
             total = total + loss
-        self.supernet.exit_grad_scale = self.exit_grad_scale
         if not torch.isfinite(total):
             raise NonFiniteLossError(
                 f"training loss became {total.item()} at epoch {self.current_epoch}, step {self.global_step}; "

@@ -62,14 +62,16 @@ class MultiExitSupernet(nn.Module):
             for t in (space.candidate_taps if space.train_exits else [])  # a static net needs no branches
         })
 
-    def forward(self, x, genome):
-        """Logits of every exit of `genome` (early exits in tap order, then the final classifier)."""
+    def forward(self, x, genome, exit_grad_scale: float | None = None):
+        """Logits of every exit of `genome` (early exits in tap order, then the final classifier); the early exits
+        send `exit_grad_scale` of their gradient into the backbone (None: the supernet's `exit_grad_scale`)."""
         self._check_exits(genome)
+        scale = self.exit_grad_scale if exit_grad_scale is None else exit_grad_scale
         exits = {e.tap: e.layers for e in genome.exits}
         logits = []
         for block, x in self.backbone.iter_taps(x, genome):
             if block in exits:
-                logits.append(self.branches[str(block)](scale_grad(x, self.exit_grad_scale), exits[block]))
+                logits.append(self.branches[str(block)](scale_grad(x, scale), exits[block]))
         logits.append(self.backbone.head(x))
         return logits
 
