@@ -8,7 +8,8 @@
 `compare_baselines.py` pairs methods within one sweep; a lever that retrains the supernets (its own sweep) is
 paired with the recipe's records here, run by run on (target, seed). Each side is FILES:METHOD, FILES a comma list
 of `compare_baselines.py` results (paths, or names under experiments/results; they hold the raw records). Writes
-<out>.md and <out>.json (the command and the rows): Δ test and val accuracy, mean and 95% t-interval per seed set.
+<out>.md and <out>.json (the command and the rows): Δ test and val accuracy, mean and 95% t-interval per seed set,
+for test accuracy also the interval over the seeds' means (a seed's targets share one supernet: not independent).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from compare_baselines import RESULTS, t_interval
+from compare_baselines import RESULTS, seed_interval, t_interval
 
 
 def load(side: str) -> dict:
@@ -58,16 +59,19 @@ def compare(label: str, a: dict, b: dict, seed_sets: list[range]) -> list[dict]:
             row[key] = t_interval(d)
             if key == "test_acc":
                 row["ahead_level_behind"] = [int((d > 0).sum()), int((d == 0).sum()), int((d < 0).sum())]
+                *row["test_acc_by_seed"], row["n_seeds"] = seed_interval({k[::-1]: x for k, x in zip(keys, d)})
         rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| lever | seeds | pairs | Δ test acc (pp), mean [95% CI] | ahead / level / behind | Δ val acc (pp) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| lever | seeds | pairs | Δ test acc (pp), mean [95% CI over pairs] | 95% CI over seeds' means | "
+             "ahead / level / behind | Δ val acc (pp) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        t, v = r["test_acc"], r["val_acc"]
+        t, s, v = r["test_acc"], r["test_acc_by_seed"], r["val_acc"]
         lines.append(f"| {r['lever']} | {r['seeds']} | {r['pairs']} | {t[0]:+.2f} [{t[1]:+.2f}, {t[2]:+.2f}] | "
+                     f"[{s[1]:+.2f}, {s[2]:+.2f}] ({r['n_seeds']} seeds) | "
                      "{} / {} / {} | ".format(*r["ahead_level_behind"]) + f"{v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}] |")
     return "\n".join(lines) + "\n"
 

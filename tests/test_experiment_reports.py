@@ -25,6 +25,29 @@ def test_t_interval_is_the_sample_std_t_interval():
     assert np.isnan(compare_baselines.t_interval(np.array([0.5]))[1])
 
 
+def test_seed_interval_runs_over_the_seeds_means_not_the_correlated_pairs():
+    """Three targets of one seed search one supernet: a seed that is ahead at every target is one piece of
+    evidence, not three. The interval is the t-interval of the per-seed means, wider than the pairs' one."""
+    d = {(0, 0.25): 1.0, (0, 0.5): 0.8, (1, 0.25): -0.2, (1, 0.5): 0.0, (2, 0.25): 0.6, (2, 0.5): 0.4}
+    mean, lo, hi, n = compare_baselines.seed_interval(d)
+    assert n == 3 and (mean, lo, hi) == pytest.approx(compare_baselines.t_interval(np.array([0.9, -0.1, 0.5])))
+    _, plo, phi = compare_baselines.t_interval(np.array(list(d.values())))
+    assert hi - lo > phi - plo
+    one_target = {(s, 0.35): x for s, x in enumerate([0.3, -0.1, 0.7])}  # one pair a seed: the pairs' interval
+    assert compare_baselines.seed_interval(one_target)[:3] == pytest.approx(
+        compare_baselines.t_interval(np.array([0.3, -0.1, 0.7])))
+
+
+def test_the_overall_comparison_reports_the_interval_over_seeds():
+    rec = lambda m, s, t, acc: {"method": m, "target_fraction": t, "seed": s, "test_acc": acc,  # noqa: E731
+                                "relative_macs": 0.3, "exit_saving": 0.0, "pre_finetune_test_acc": None}
+    records = [rec(m, s, t, 0.98 + (0.01 * ((s + 1) % 3) + 0.002 * (t == 0.5) if m == "aebnas" else 0))
+               for m in ("aebnas", "static_nas") for s in range(3) for t in (0.25, 0.5)]
+    md = compare_baselines.table(records)
+    _, lo, hi, _ = compare_baselines.seed_interval(compare_baselines.pair_diffs(records, "aebnas", "static_nas"))
+    assert f"over all 6 (seed, target) pairs: **+1.10 pp** (95% CI [{lo:+.2f}, {hi:+.2f}] over the 3 seeds' means" in md
+
+
 def test_paired_differences_match_seeds_and_skip_unpaired_runs():
     rec = lambda m, s, acc, t=0.35: {"method": m, "target_fraction": t, "seed": s, "test_acc": acc}  # noqa: E731
     records = [rec("static_nas", 0, 0.98), rec("static_nas", 1, 0.97), rec("aebnas", 1, 0.99),
@@ -52,6 +75,8 @@ def test_paired_results_pair_two_sweeps_run_by_run_per_seed_set(tmp_path):
         assert r["test_acc"] == pytest.approx(compare_baselines.t_interval(np.array(expected[r["seeds"]])))
         assert r["val_acc"] == pytest.approx(r["test_acc"])
     assert rows[2]["ahead_level_behind"] == [2, 1, 1]
+    # one pair a seed here, so the interval over seeds' means is the pairs' one
+    assert rows[2]["n_seeds"] == 4 and rows[2]["test_acc_by_seed"] == pytest.approx(rows[2]["test_acc"])
     assert "| x | all | 4 | +0.25 [" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="no records of method 'fixed'"):
         paired_results.main(["--out", str(out), "--pair", "x", f"{tmp_path / 'lever.json'}:fixed",
