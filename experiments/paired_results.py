@@ -70,8 +70,8 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         t, s, v = r["test_acc"], r["test_acc_by_seed"], r["val_acc"]
-        lines.append(f"| {r['lever']} | {r['seeds']} | {r['pairs']} | {t[0]:+.2f} [{t[1]:+.2f}, {t[2]:+.2f}] | "
-                     f"[{s[1]:+.2f}, {s[2]:+.2f}] ({r['n_seeds']} seeds) | "
+        lines.append(f"| {r['lever']} | {r['seeds']} | {r['pairs']} | {t[0]:+.2f} [{t[1]:+.2f}, {t[2]:+.2f}] | " +
+                     (f"[{s[1]:+.2f}, {s[2]:+.2f}] ({r['n_seeds']} seeds) | " if r["n_seeds"] > 1 else "– (1 seed) | ") +
                      "{} / {} / {} | ".format(*r["ahead_level_behind"]) + f"{v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}] |")
     return "\n".join(lines) + "\n"
 
