@@ -255,7 +255,7 @@ def probe(run_dir: str, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
 def report(records: list[dict]) -> str:
     """Per variant: each method's mean test accuracy and change against its recorded runs, and the paired
     aebnas − static_nas difference; then the recipe's aebnas against static_nas at each variant."""
-    from compare_baselines import BASELINE, t_interval
+    from compare_baselines import BASELINE, seed_interval
 
     acc = {(r["variant"], r["method"], r["target_fraction"], r["seed"]): r["test_acc"] for r in records}
     acc.update({("recorded", r["method"], r["target_fraction"], r["seed"]): r["recorded_test_acc"] for r in records})
@@ -263,19 +263,20 @@ def report(records: list[dict]) -> str:
     methods = sorted({m for m, _, _ in runs})
     others = [m for m in methods if m != BASELINE]
 
-    def diffs(v_mine: str, v_base: str) -> np.ndarray:
-        return 100 * np.array([acc[v_mine, m, t, s] - acc[v_base, BASELINE, t, s] for m, t, s in runs
-                               if m in others and (v_base, BASELINE, t, s) in acc])
+    def diffs(v_mine: str, v_base: str) -> dict:
+        """{(seed, (method, target)): Δ pp}: a seed's runs share a supernet, so the interval is over seeds."""
+        return {(s, (m, t)): 100 * (acc[v_mine, m, t, s] - acc[v_base, BASELINE, t, s]) for m, t, s in runs
+                if m in others and (v_base, BASELINE, t, s) in acc}
 
-    def ci(d: np.ndarray) -> str:
-        if len(d) < 2:
+    def ci(d: dict) -> str:
+        if len({seed for seed, _ in d}) < 2:
             return "–"
-        mean, lo, hi = t_interval(d)
+        mean, lo, hi, _ = seed_interval(d)
         return f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
     head = [f"{m} test acc (%), change" for m in methods]
-    lines = [f"| variant | {' | '.join(head)} | Δ vs static_nas, same variant (pp), 95% CI | "
-             "Δ recipe vs static_nas at this variant (pp), 95% CI |", "|---" * (len(methods) + 3) + "|"]
+    lines = [f"| variant | {' | '.join(head)} | Δ vs static_nas, same variant (pp), 95% CI over seeds | "
+             "Δ recipe vs static_nas at this variant (pp), 95% CI over seeds |", "|---" * (len(methods) + 3) + "|"]
     for v in ("recorded", *[v for v in VARIANTS if any(r["variant"] == v for r in records)]):
         cells = []
         for m in methods:

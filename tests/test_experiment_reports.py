@@ -229,3 +229,21 @@ def test_default_run_benchmark_reads_gnu_time_and_reports_the_sample_std():
                 "peak_rss_bytes": 1.4e9} for s, acc, w in ((0, 0.98, 170.0), (1, 0.99, 180.0))]
     last = bench_default_run.table(records).splitlines()[-1]
     assert last.startswith("| mean ± std | 98.50 ± 0.71 |") and "175 ± 7 |" in last  # std with ddof=1
+
+
+def test_rescore_report_pairs_each_policy_with_the_recipe_over_the_seeds_means():
+    import rescore_policies
+
+    rec = lambda v, s, t, acc: {"variant": v, "seed": s, "target_fraction": t, "test_acc": acc,  # noqa: E731
+                                "relative_macs": 0.3, "exit_saving": 0.5, "meets_target": True}
+    recipe = {(s, t): 0.98 for s in range(3) for t in (0.25, 0.5)}
+    gain = {0: (0.01, 0.0), 1: (0.0, 0.0), 2: (0.02, 0.01)}  # per seed, at 0.25 and 0.5
+    records = [rec("recipe", s, t, a) for (s, t), a in recipe.items()]
+    records += [rec("entropy", s, t, recipe[s, t] + gain[s][i]) for s in range(3) for i, t in enumerate((0.25, 0.5))]
+    static = {(t, s): 0.97 for s, t in recipe}
+    table = rescore_policies.report(records, static)
+    row = next(line for line in table.splitlines() if line.startswith("| entropy"))
+    mean, lo, hi = compare_baselines.t_interval(np.array([0.5, 0.0, 1.5]))  # the seeds' mean gains (pp)
+    assert f"| {mean:+.2f} [{lo:+.2f}, {hi:+.2f}] |" in row
+    one_seed = rescore_policies.report([r for r in records if r["seed"] == 0], static)
+    assert "| entropy | 0-4 | – | – |" in one_seed
