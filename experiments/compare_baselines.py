@@ -234,6 +234,13 @@ def seed_interval(diffs: dict) -> tuple[float, float, float, int]:
     return (*t_interval(means), len(means))
 
 
+def seed_ci(diffs: dict) -> str:
+    """`seed_interval` as report text: mean [95% CI]; "–" where fewer than two seeds leave no interval."""
+    if len({seed for seed, _ in diffs}) < 2:
+        return "–"
+    return "{:+.2f} [{:+.2f}, {:+.2f}]".format(*seed_interval(diffs)[:3])
+
+
 def mean_std(values) -> str:
     v = np.asarray([x for x in values if x is not None], float)
     if not len(v):
@@ -307,7 +314,7 @@ def ablation(records: list[dict]) -> str:
         on, off = by_pair(with_lever), by_pair(without)
         keys = sorted(set(on) & set(off))
         if keys:
-            d = pair_diffs(records, with_lever, without)
+            d = {k: 100 * (on[k]["test_acc"] - off[k]["test_acc"]) for k in keys}
             dm = np.mean([on[k]["relative_macs"] - off[k]["relative_macs"] for k in keys])
             lines.append(f"| {lever} | {with_lever} vs {without} | {len(d)} | "
                          "{:+.2f} [{:+.2f}, {:+.2f}] | ".format(*seed_interval(d)[:3]) + f"{dm:+.3f} |")

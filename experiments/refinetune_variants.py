@@ -255,7 +255,7 @@ def probe(run_dir: str, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
 def report(records: list[dict]) -> str:
     """Per variant: each method's mean test accuracy and change against its recorded runs, and the paired
     aebnas − static_nas difference; then the recipe's aebnas against static_nas at each variant."""
-    from compare_baselines import BASELINE, seed_interval
+    from compare_baselines import BASELINE, seed_ci
 
     acc = {(r["variant"], r["method"], r["target_fraction"], r["seed"]): r["test_acc"] for r in records}
     acc.update({("recorded", r["method"], r["target_fraction"], r["seed"]): r["recorded_test_acc"] for r in records})
@@ -268,12 +268,6 @@ def report(records: list[dict]) -> str:
         return {(s, (m, t)): 100 * (acc[v_mine, m, t, s] - acc[v_base, BASELINE, t, s]) for m, t, s in runs
                 if m in others and (v_base, BASELINE, t, s) in acc}
 
-    def ci(d: dict) -> str:
-        if len({seed for seed, _ in d}) < 2:
-            return "–"
-        mean, lo, hi, _ = seed_interval(d)
-        return f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
-
     head = [f"{m} test acc (%), change" for m in methods]
     lines = [f"| variant | {' | '.join(head)} | Δ vs static_nas, same variant (pp), 95% CI over seeds | "
              "Δ recipe vs static_nas at this variant (pp), 95% CI over seeds |", "|---" * (len(methods) + 3) + "|"]
@@ -284,7 +278,7 @@ def report(records: list[dict]) -> str:
             mean = 100 * np.mean([acc[v, *k] for k in keys])
             change = 100 * np.mean([acc[v, *k] - acc["recorded", *k] for k in keys])
             cells.append(f"{mean:.2f} ({change:+.2f})")
-        lines.append(f"| {v} | {' | '.join(cells)} | {ci(diffs(v, v))} | {ci(diffs('recipe', v))} |")
+        lines.append(f"| {v} | {' | '.join(cells)} | {seed_ci(diffs(v, v))} | {seed_ci(diffs('recipe', v))} |")
     return "\n".join(lines)
 
 

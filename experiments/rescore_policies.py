@@ -122,13 +122,7 @@ def probe(run_dir: str) -> list[dict]:
 
 
 def report(records: list[dict], static: dict) -> str:
-    from compare_baselines import seed_interval
-
-    def ci(d: dict) -> str:
-        """Over the seeds' means: a seed's runs share a supernet."""
-        if len({seed for seed, _ in d}) < 2:
-            return "–"
-        return "{:+.2f} [{:+.2f}, {:+.2f}]".format(*seed_interval(d)[:3])
+    from compare_baselines import seed_ci
 
     recipe = {(r["target_fraction"], r["seed"]): r["test_acc"] for r in records if r["variant"] == "recipe"}
     sets = sorted({r["seed"] // 5 for r in records})
@@ -140,7 +134,7 @@ def report(records: list[dict], static: dict) -> str:
             keys = [(r["target_fraction"], r["seed"]) for r in rs]
             own = {k[::-1]: 100 * (r["test_acc"] - recipe[k]) for r, k in zip(rs, keys)}
             vs = {k[::-1]: 100 * (r["test_acc"] - static[k]) for r, k in zip(rs, keys) if k in static}
-            lines.append(f"| {v} | {5 * s}-{5 * s + 4} | {ci(own)} | {ci(vs)} | "
+            lines.append(f"| {v} | {5 * s}-{5 * s + 4} | {seed_ci(own)} | {seed_ci(vs)} | "
                          f"{np.mean([r['relative_macs'] for r in rs]):.3f} | {min(r['exit_saving'] for r in rs):.2f} | "
                          f"{sum(r['meets_target'] for r in rs)}/{len(rs)} |")
     return "\n".join(lines)
