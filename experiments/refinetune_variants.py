@@ -26,7 +26,7 @@ thresholds re-tuned on val and scored on test, as `ee_nas.run` does:
   network may overfit the 1,078 training digits more than a small one;
 - `teacher_affine`: both `teacher` and `affine` (the two levers that lift static_nas, together);
 - `no_crop`: fine-tuned without the random crop (`finetune.augment={random_crop_padding:0}`): augmentation
-  cost aebnas more than static_nas, in the fine-tuning (`affine`) and in the supernet's training (README), and
+  cost aebnas more than static_nas, in the fine-tuning (`affine`) and in the supernet's training (RESULTS.md), and
   the test digits are centred as the training ones are.
 - `label_smoothing`: every exit's cross-entropy with label smoothing 0.1 (soft targets that keep the exits'
   confidences from saturating on the 1,078 training digits, which the thresholds then rank).

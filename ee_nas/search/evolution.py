@@ -31,7 +31,7 @@ class GenomeSampling(Sampling):
     """The initial population: `n_largest` seeds on the largest backbone with cheap early exits (the most,
     then one fewer, ...: `SearchSpace.largest_with_cheap_exits`), those within the caps; the rest drawn
     uniformly, within the caps. Uniform draws almost never hit the largest backbone, the best-trained
-    subnet, and mid-sized ones with exits can rarely beat it (digits: README Results)."""
+    subnet, and mid-sized ones with exits can rarely beat it (digits: experiments/RESULTS.md)."""
 
     def __init__(self, space, caps: Callable | None = None, n_largest: int = 0):
         super().__init__()
@@ -235,7 +235,7 @@ def choose(records: list[dict], rule: str = "best_val", n_val: int | None = None
     `n_val` defaults to the records' own (`SubnetEvaluator.score` writes it).
     The best of ~100 scores on a few hundred images is partly luck (the winner's curse), and within that noise
     a larger backbone has the better-trained final exit; on digits, though, within_noise measured 0.11 pp
-    below best_val (README Results), so best_val is the default."""
+    below best_val (experiments/RESULTS.md, "Ablation"), so best_val is the default."""
     if rule not in CHOOSE_RULES:
         raise ValueError(f"search.choose={rule!r} is invalid; valid: {', '.join(CHOOSE_RULES)}")
     fits = [r for r in records if r.get("status", "ok") == "ok" and r.get("feasible", True)
