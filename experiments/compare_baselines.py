@@ -241,6 +241,23 @@ def seed_ci(diffs: dict) -> str:
     return "{:+.2f} [{:+.2f}, {:+.2f}]".format(*seed_interval(diffs)[:3])
 
 
+REMADE = "Table remade from the stored records"
+
+
+def remake_table(md: Path, table: str, command: str) -> None:
+    """Replace the first table of the report `md` (its lines from the first `|` line on, while they start with
+    `|`) by `table`, with a line saying how it was remade: a probe's report redrawn from its stored records
+    keeps the notes and commands written around it."""
+    lines = md.read_text().split("\n")
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
+    if start is None:
+        raise SystemExit(f"error: {md} has no table to remake")
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    head = [line for line in lines[:start] if not line.startswith(REMADE)]  # remade again: one note
+    note = f"{REMADE} by `{command}` (intervals over the seeds' means).\n"
+    md.write_text("\n".join(head + [note] + table.split("\n") + lines[end:]))
+
+
 def mean_std(values) -> str:
     v = np.asarray([x for x in values if x is not None], float)
     if not len(v):

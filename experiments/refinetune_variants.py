@@ -310,7 +310,8 @@ def write(records: list[dict], out: Path, command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="compare_baselines.py --runs directories")
+    parser.add_argument("--runs", type=Path, nargs="+", help="compare_baselines.py --runs directories")
+    parser.add_argument("--from-json", type=Path, help="redraw the table of this results file's .md from its records")
     parser.add_argument("--methods", nargs="+", default=["aebnas", "static_nas"])
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: every seed found")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
@@ -318,6 +319,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "refinetune_digits")
     args = parser.parse_args()
+    if args.from_json:  # what the report computes changed, the probe's runs did not
+        from compare_baselines import remake_table
+
+        table = report(json.loads(args.from_json.with_suffix(".json").read_text())["records"])
+        remake_table(args.from_json.with_suffix(".md"), table, "python " + " ".join(sys.argv))
+        print(table)
+        return
+    if not args.runs:
+        parser.error("--runs (or --from-json) is required")
     dirs = sorted(str(p) for root in args.runs for m in args.methods for p in root.glob(f"{m}/t*/seed*")
                   if p.is_dir() and (p / "summary.json").exists()
                   and (args.seeds is None or int(p.name[4:]) in args.seeds))

@@ -142,12 +142,26 @@ def report(records: list[dict], static: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="compare_baselines.py --runs directories")
+    parser.add_argument("--runs", type=Path, nargs="+", help="compare_baselines.py --runs directories")
+    parser.add_argument("--from-json", type=Path,
+                        help="redraw the table of this results file's .md from its records (and --static)")
     parser.add_argument("--static", type=Path, nargs="*", default=[],
                         help="iso-cost JSON files whose static_nas records to pair with")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rescore_digits")
     args = parser.parse_args()
+    static = {(r["target_fraction"], r["seed"]): r["test_acc"] for f in args.static
+              for r in json.loads(f.read_text())["records"] if r["method"] == "static_nas"}
+    command = "python " + " ".join(sys.argv)
+    if args.from_json:
+        from compare_baselines import remake_table
+
+        table = report(json.loads(args.from_json.with_suffix(".json").read_text())["records"], static)
+        remake_table(args.from_json.with_suffix(".md"), table, command)
+        print(table)
+        return
+    if not args.runs:
+        parser.error("--runs (or --from-json) is required")
     dirs = sorted(str(p) for root in args.runs for p in root.glob("aebnas/t*/seed*") if (p / "subnet.pt").exists())
     if not dirs:
         raise SystemExit(f"error: no finished aebnas run directories under {args.runs}")
@@ -156,9 +170,6 @@ def main() -> None:
     bad = [r["run_dir"] for r in records if r["variant"] == "recipe" and r["test_acc"] != r["recorded_test_acc"]]
     if bad:
         raise SystemExit(f"error: the recipe did not reproduce the recorded test accuracy of {bad}")
-    static = {(r["target_fraction"], r["seed"]): r["test_acc"] for f in args.static
-              for r in json.loads(f.read_text())["records"] if r["method"] == "static_nas"}
-    command = "python " + " ".join(sys.argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, "records": records}, indent=1) + "\n")
     table = report(records, static)
