@@ -247,3 +247,18 @@ def test_rescore_report_pairs_each_policy_with_the_recipe_over_the_seeds_means()
     assert f"| {mean:+.2f} [{lo:+.2f}, {hi:+.2f}] |" in row
     one_seed = rescore_policies.report([r for r in records if r["seed"] == 0], static)
     assert "| entropy | 0-4 | – | – |" in one_seed
+
+
+def test_remade_report_replaces_only_its_first_table_and_keeps_one_note(tmp_path):
+    md = tmp_path / "probe.md"
+    md.write_text("# Probe\n\n`python probe.py --runs R`\n\nA note.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+                  "Per epoch:\n\n| e | acc |\n|---|---|\n| 0 | 9 |\n")
+    for _ in range(2):  # remade twice: the second note replaces the first
+        compare_baselines.remake_table(md, "| a | b |\n|---|---|\n| 3 | 4 |", "python probe.py --from-json X")
+    text = md.read_text()
+    assert text.count(compare_baselines.REMADE) == 1 and "| 1 | 2 |" not in text and "| 3 | 4 |" in text
+    assert text.startswith("# Probe\n\n`python probe.py --runs R`\n\nA note.\n\n")  # notes and command kept
+    assert text.endswith("\n\nPer epoch:\n\n| e | acc |\n|---|---|\n| 0 | 9 |\n")  # the second table kept
+    (tmp_path / "empty.md").write_text("# no table\n")
+    with pytest.raises(SystemExit, match="no table"):
+        compare_baselines.remake_table(tmp_path / "empty.md", "| a |", "cmd")
