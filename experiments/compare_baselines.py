@@ -254,8 +254,10 @@ def remake_table(md: Path, table: str, command: str) -> None:
         raise SystemExit(f"error: {md} has no table to remake")
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     head = [line for line in lines[:start] if not line.startswith(REMADE)]  # remade again: one note
-    note = f"{REMADE} by `{command}` (intervals over the seeds' means).\n"
-    md.write_text("\n".join(head + [note] + table.split("\n") + lines[end:]))
+    while head and not head[-1].strip():
+        head.pop()
+    note = f"{REMADE} by `{command}` (intervals over the seeds' means)."
+    md.write_text("\n".join(head + ["", note, ""] + table.split("\n") + lines[end:]))
 
 
 def mean_std(values) -> str:

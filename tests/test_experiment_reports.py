@@ -257,7 +257,8 @@ def test_remade_report_replaces_only_its_first_table_and_keeps_one_note(tmp_path
         compare_baselines.remake_table(md, "| a | b |\n|---|---|\n| 3 | 4 |", "python probe.py --from-json X")
     text = md.read_text()
     assert text.count(compare_baselines.REMADE) == 1 and "| 1 | 2 |" not in text and "| 3 | 4 |" in text
-    assert text.startswith("# Probe\n\n`python probe.py --runs R`\n\nA note.\n\n")  # notes and command kept
+    assert text.startswith(f"# Probe\n\n`python probe.py --runs R`\n\nA note.\n\n{compare_baselines.REMADE} by "
+                           "`python probe.py --from-json X` (intervals over the seeds' means).\n\n| a | b |\n")
     assert text.endswith("\n\nPer epoch:\n\n| e | acc |\n|---|---|\n| 0 | 9 |\n")  # the second table kept
     (tmp_path / "empty.md").write_text("# no table\n")
     with pytest.raises(SystemExit, match="no table"):
