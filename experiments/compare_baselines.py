@@ -27,6 +27,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -244,10 +245,13 @@ def seed_ci(diffs: dict) -> str:
 REMADE = "Table remade from the stored records"
 
 
-def remake_table(md: Path, table: str, command: str) -> None:
-    """Replace the first table of the report `md` (its lines from the first `|` line on, while they start with
-    `|`) by `table`, with a line saying how it was remade: a probe's report redrawn from its stored records
-    keeps the notes and commands written around it."""
+def remake_report(results: Path, report: Callable[[list[dict]], str], command: str) -> str:
+    """Redraw a probe's report from the records stored in `results`.json (the report code changed, the probe's
+    runs did not): the first table of `results`.md (its lines from the first `|` line on, while they start
+    with `|`) becomes `report(records)`, with a line saying how it was remade; the notes and commands written
+    around it stay. Returns the table."""
+    table = report(json.loads(results.with_suffix(".json").read_text())["records"])
+    md = results.with_suffix(".md")
     lines = md.read_text().split("\n")
     start = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
     if start is None:
@@ -258,6 +262,7 @@ def remake_table(md: Path, table: str, command: str) -> None:
         head.pop()
     note = f"{REMADE} by `{command}` (intervals over the seeds' means)."
     md.write_text("\n".join(head + ["", note, ""] + table.split("\n") + lines[end:]))
+    return table
 
 
 def mean_std(values) -> str:
@@ -323,8 +328,7 @@ def ablation(records: list[dict]) -> str:
         d = {(r["seed"], r["target_fraction"]): 100 * (r["test_acc"] - r["pre_finetune_test_acc"])
              for r in records if r["method"] == method and r["pre_finetune_test_acc"] is not None}
         if d:
-            lines.append(f"| fine-tuning the chosen network (`finetune.epochs`) | {method} | {len(d)} | "
-                         "{:+.2f} [{:+.2f}, {:+.2f}] | – |".format(*seed_interval(d)[:3]))
+            lines.append(f"| fine-tuning the chosen network (`finetune.epochs`) | {method} | {len(d)} | {seed_ci(d)} | – |")
 
     def by_pair(method):
         return {(r["seed"], r["target_fraction"]): r for r in records if r["method"] == method}
@@ -335,8 +339,7 @@ def ablation(records: list[dict]) -> str:
         if keys:
             d = {k: 100 * (on[k]["test_acc"] - off[k]["test_acc"]) for k in keys}
             dm = np.mean([on[k]["relative_macs"] - off[k]["relative_macs"] for k in keys])
-            lines.append(f"| {lever} | {with_lever} vs {without} | {len(d)} | "
-                         "{:+.2f} [{:+.2f}, {:+.2f}] | ".format(*seed_interval(d)[:3]) + f"{dm:+.3f} |")
+            lines.append(f"| {lever} | {with_lever} vs {without} | {len(d)} | {seed_ci(d)} | {dm:+.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -319,12 +319,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "refinetune_digits")
     args = parser.parse_args()
-    if args.from_json:  # what the report computes changed, the probe's runs did not
-        from compare_baselines import remake_table
+    if args.from_json:
+        from compare_baselines import remake_report
 
-        table = report(json.loads(args.from_json.with_suffix(".json").read_text())["records"])
-        remake_table(args.from_json.with_suffix(".md"), table, "python " + " ".join(sys.argv))
-        print(table)
+        print(remake_report(args.from_json, report, "python " + " ".join(sys.argv)))
         return
     if not args.runs:
         parser.error("--runs (or --from-json) is required")

@@ -154,11 +154,9 @@ def main() -> None:
               for r in json.loads(f.read_text())["records"] if r["method"] == "static_nas"}
     command = "python " + " ".join(sys.argv)
     if args.from_json:
-        from compare_baselines import remake_table
+        from compare_baselines import remake_report
 
-        table = report(json.loads(args.from_json.with_suffix(".json").read_text())["records"], static)
-        remake_table(args.from_json.with_suffix(".md"), table, command)
-        print(table)
+        print(remake_report(args.from_json, lambda records: report(records, static), command))
         return
     if not args.runs:
         parser.error("--runs (or --from-json) is required")

@@ -253,13 +253,17 @@ def test_remade_report_replaces_only_its_first_table_and_keeps_one_note(tmp_path
     md = tmp_path / "probe.md"
     md.write_text("# Probe\n\n`python probe.py --runs R`\n\nA note.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
                   "Per epoch:\n\n| e | acc |\n|---|---|\n| 0 | 9 |\n")
+    md.with_suffix(".json").write_text(json.dumps({"records": [{"acc": 3}, {"acc": 4}]}))
+    report = lambda records: "| a | b |\n|---|---|\n| " + " | ".join(str(r["acc"]) for r in records) + " |"  # noqa: E731
     for _ in range(2):  # remade twice: the second note replaces the first
-        compare_baselines.remake_table(md, "| a | b |\n|---|---|\n| 3 | 4 |", "python probe.py --from-json X")
+        table = compare_baselines.remake_report(md, report, "python probe.py --from-json X")
     text = md.read_text()
+    assert table == "| a | b |\n|---|---|\n| 3 | 4 |"  # drawn from the stored records
     assert text.count(compare_baselines.REMADE) == 1 and "| 1 | 2 |" not in text and "| 3 | 4 |" in text
     assert text.startswith(f"# Probe\n\n`python probe.py --runs R`\n\nA note.\n\n{compare_baselines.REMADE} by "
                            "`python probe.py --from-json X` (intervals over the seeds' means).\n\n| a | b |\n")
     assert text.endswith("\n\nPer epoch:\n\n| e | acc |\n|---|---|\n| 0 | 9 |\n")  # the second table kept
     (tmp_path / "empty.md").write_text("# no table\n")
+    (tmp_path / "empty.json").write_text(json.dumps({"records": []}))
     with pytest.raises(SystemExit, match="no table"):
-        compare_baselines.remake_table(tmp_path / "empty.md", "| a |", "cmd")
+        compare_baselines.remake_report(tmp_path / "empty.md", lambda records: "| a |", "cmd")
